@@ -1,0 +1,292 @@
+"""Zeroth-order gradient estimation as an optax transformation.
+
+`zo_grad` turns a loss into a gradient estimate from forward passes alone,
+and emits that estimate as its ``updates``, so any optax transform can
+follow it in an `optax.chain` (SGD, momentum, Adam, schedules, masks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from zojax import keys as keys_lib
+from zojax import perturbations
+
+ESTIMATORS = ("two_sided", "one_sided")
+
+__all__ = ["ESTIMATORS", "ZOGradState", "zo_grad", "forwards_per_step"]
+
+
+class ZOGradState(NamedTuple):
+  """State of `zo_grad`.
+
+  Attributes:
+    count: number of steps taken (int32); step ``t`` draws from
+      ``fold_in(key, t)``.
+    key: the transform's `jax.random` key. It is never advanced; every draw
+      is derived from it (see `zojax.keys`).
+    loss: the loss at the current parameters as seen by the last step, in
+      float32: ``f(theta)`` for the one-sided estimator, and the mean of the
+      ``f(theta +- eps z_i)`` for the two-sided one (equal to ``f(theta)`` up
+      to O(eps^2)). Lets a training loop log the loss without another
+      forward pass.
+    projected_grads: the finite-difference scalars ``c_i`` of the last step,
+      shape ``(num_queries,)``, float32 (zero on a skipped step). With the key
+      they determine the step exactly, so a run can be replayed from them.
+    num_nonfinite: how many steps were skipped because a loss was not
+      finite.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  loss: jax.Array
+  projected_grads: jax.Array
+  num_nonfinite: jax.Array
+
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  num_queries: int
+  eps: float
+  estimator: str
+  distribution: str
+  mask: Any
+  vectorize: bool
+
+
+def forwards_per_step(num_queries: int = 1, estimator: str = "two_sided") -> int:
+  """Forward passes one `zo_grad` step costs: ``2 N`` two-sided, ``N + 1`` one-sided."""
+  _check_estimator(estimator)
+  return 2 * num_queries if estimator == "two_sided" else num_queries + 1
+
+
+def _check_estimator(estimator: str) -> None:
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"Unknown estimator {estimator!r}; expected one of {ESTIMATORS}.")
+
+
+def _resolve_value_fn(loss_fn, value_fn, batch) -> Callable[[Any], jax.Array]:
+  if loss_fn is not None:
+    if value_fn is not None:
+      raise ValueError(
+          "This zo_grad was built with a loss_fn, so it takes the batch as "
+          "update(..., batch=batch); it does not also take value_fn=."
+      )
+    if batch is _MISSING:
+      return loss_fn
+    return lambda p: loss_fn(p, batch)
+  if value_fn is None:
+    raise ValueError(
+        "zo_grad needs the loss: call update(updates, state, params, "
+        "value_fn=lambda p: loss(p, batch)), or build it as zo_grad(loss_fn) and "
+        "call update(updates, state, params, batch=batch)."
+    )
+  if not callable(value_fn):
+    raise TypeError(f"value_fn must be callable, got {type(value_fn).__name__}.")
+  return value_fn
+
+
+def _check_value_fn(value_fn, params) -> None:
+  out = jax.eval_shape(value_fn, params)
+  leaves = jax.tree.leaves(out)
+  if len(leaves) != 1 or leaves[0].shape != ():
+    shapes = jax.tree.map(lambda x: x.shape, out)
+    raise ValueError(
+        f"value_fn must return a scalar loss; it returned shapes {shapes}. "
+        "Reduce the loss over the batch (e.g. with .mean())."
+    )
+  if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+    raise TypeError(f"value_fn must return a floating-point scalar, got dtype {leaves[0].dtype}.")
+
+
+def _estimate(
+    value_fn: Callable[[Any], jax.Array],
+    params,
+    step_key: jax.Array,
+    config: _Config,
+):
+  """Runs the queries of one step and returns ``(grad, loss, c, finite)``.
+
+  Two-sided (MeZO/SPSA, arXiv 2305.17333 eq. 2):
+    ``c_i = [f(theta + eps z_i) - f(theta - eps z_i)] / (2 eps)``
+  One-sided with a shared baseline (ZO-Muon/ZO-MOPI multi-query path):
+    ``c_i = [f(theta + eps z_i) - f(theta)] / eps``
+  and in both cases ``g = (1/N) sum_i c_i z_i``. Losses are cast to float32
+  before the difference. If any loss is not finite every ``c_i`` is zeroed,
+  so the estimate is exactly zero.
+  """
+  num, eps = config.num_queries, config.eps
+  dist, mask = config.distribution, config.mask
+  qkeys = jax.vmap(lambda i: keys_lib.query_key(step_key, i))(jnp.arange(num))
+
+  def evaluate(key, scale):
+    perturbed = perturbations.perturb(params, key, scale, dist, mask)
+    return jnp.asarray(value_fn(perturbed), jnp.float32)
+
+  def run(keys, scales):
+    if config.vectorize:
+      return jax.vmap(evaluate)(keys, scales)
+    return jax.lax.map(lambda a: evaluate(*a), (keys, scales))
+
+  if config.estimator == "two_sided":
+    # One map entry per (query, sign): each forward regenerates its z, so the
+    # program never holds z next to a perturbed copy of the weights.
+    keys2 = jnp.repeat(qkeys, 2)
+    scales = jnp.tile(jnp.asarray([eps, -eps], jnp.float32), num)
+    values = run(keys2, scales).reshape(num, 2)
+    c = (values[:, 0] - values[:, 1]) / (2.0 * eps)
+    loss = jnp.mean(values)
+    finite = jnp.all(jnp.isfinite(values))
+  else:
+    f0 = jnp.asarray(value_fn(params), jnp.float32)
+    values = run(qkeys, jnp.full((num,), eps, jnp.float32))
+    c = (values - f0) / eps
+    loss = f0
+    finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(f0)
+  c = jnp.where(finite, c, jnp.zeros_like(c))
+  grad = perturbations.combine_directions(
+      params, qkeys, c / num, dist, mask, vectorize=config.vectorize
+  )
+  return grad, loss, c, finite
+
+
+def zo_grad(
+    loss_fn: Callable[..., jax.Array] | None = None,
+    *,
+    num_queries: int = 1,
+    eps: float = 1e-3,
+    estimator: str = "two_sided",
+    distribution: str = "gaussian",
+    mask: perturbations.Mask = None,
+    vectorize: bool = False,
+    seed: keys_lib.KeyLike = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Zeroth-order (SPSA) gradient estimate from forward passes only.
+
+  Estimates the gradient of a scalar loss ``f`` at the current parameters
+  with ``N = num_queries`` random directions ``z_i`` (MeZO, Malladi et al.,
+  arXiv 2305.17333; SPSA, Spall 1992):
+
+  .. math::
+
+    \text{two-sided:}\quad c_i = \frac{f(\theta + \epsilon z_i) -
+      f(\theta - \epsilon z_i)}{2\epsilon}, \qquad
+    \text{one-sided:}\quad c_i = \frac{f(\theta + \epsilon z_i) -
+      f(\theta)}{\epsilon},
+
+  .. math::
+
+    \hat g = \frac{1}{N} \sum_{i=1}^{N} c_i z_i ,
+
+  with ``E[z z^T] = I``, so ``E[g] = grad f + O(eps^2)``. The estimate is
+  returned as ``updates``; follow it with e.g. `optax.sgd`, `optax.trace`
+  or `optax.adam` to make an optimizer. A step costs ``2N`` forward passes
+  (two-sided) or ``N + 1`` (one-sided), see `forwards_per_step`.
+
+  The loss reaches ``update`` in one of two ways:
+
+  * ``zo_grad(...)``: pass ``value_fn=lambda p: loss(p, batch)`` as an extra
+    argument (the convention of optax's line searches, which `optax.chain`
+    forwards unchanged);
+  * ``zo_grad(loss_fn, ...)``: the loss is bound here and the batch is passed
+    as ``update(..., batch=batch)``, calling ``loss_fn(params, batch)`` (or
+    ``loss_fn(params)`` when no batch is given).
+
+  The incoming ``updates`` are ignored (``None`` is accepted): the estimate
+  replaces them. ``params`` is required.
+
+  Randomness: the state holds a `jax.random` key; step ``t`` and query ``i``
+  draw from ``fold_in(fold_in(key, t), i)``, split per leaf, so the same key
+  and inputs give bit-identical updates. Directions are regenerated from
+  their keys for every forward and for the update instead of being stored.
+
+  Queries run inside the caller's `jit`: one after another in a `lax.map`
+  (memory of one forward pass) or, with ``vectorize=True``, batched with
+  `vmap` (faster when memory allows).
+
+  If any loss of a step is not finite, every ``c_i`` is set to zero, the
+  emitted updates are zero, and ``num_nonfinite`` is incremented: one bad
+  batch never turns the parameters into NaN. (Transforms after this one
+  still run on the zero update, e.g. momentum keeps moving.)
+
+  Args:
+    loss_fn: optional loss ``loss_fn(params, batch) -> scalar`` bound at
+      construction; if None, ``value_fn`` must be passed to ``update``.
+    num_queries: number of directions per step, ``N >= 1``.
+    eps: perturbation scale ``epsilon > 0``.
+    estimator: ``"two_sided"`` (MeZO) or ``"one_sided"`` (shared baseline).
+    distribution: direction distribution, ``"gaussian"``, ``"rademacher"``
+      or ``"sphere"`` (uniform on the sphere of radius ``sqrt(d)``).
+    mask: which leaves to perturb and estimate: None for all, or a pytree of
+      bools / a callable returning one (as in `optax.masked`). Masked-out
+      leaves are not perturbed and get zero updates. Integer and boolean
+      leaves must be masked out.
+    vectorize: evaluate the queries with `vmap` instead of `lax.map`.
+    seed: an integer seed or a `jax.random` key for the state.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` with state `ZOGradState`.
+
+  Raises:
+    ValueError: at construction for ``num_queries < 1``, ``eps <= 0`` or an
+      unknown estimator/distribution; at trace time for a missing loss or a
+      loss that is not a scalar.
+    TypeError: at trace time for a non-floating leaf that is not masked out.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones(3)}
+    >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+    >>> tx = optax.chain(zojax.zo_grad(num_queries=2, seed=0), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(None, state, params, value_fn=loss)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
+    raise ValueError(f"num_queries must be an integer >= 1, got {num_queries!r}.")
+  if not eps > 0:
+    raise ValueError(f"eps must be > 0, got {eps!r}.")
+  _check_estimator(estimator)
+  perturbations.check_distribution(distribution)
+  if loss_fn is not None and not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+  config = _Config(num_queries, float(eps), estimator, distribution, mask, bool(vectorize))
+
+  def init_fn(params):
+    del params
+    return ZOGradState(
+        count=jnp.zeros([], jnp.int32),
+        key=keys_lib.as_key(seed),
+        loss=jnp.full([], jnp.nan, jnp.float32),
+        projected_grads=jnp.zeros([num_queries], jnp.float32),
+        num_nonfinite=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, *, value_fn=None, batch=_MISSING, **extra_args):
+    del updates, extra_args
+    if params is None:
+      raise ValueError("zo_grad needs params: call update(updates, state, params, ...).")
+    fn = _resolve_value_fn(loss_fn, value_fn, batch)
+    perturbations.perturbable_leaves(params, mask)
+    _check_value_fn(fn, params)
+    key_t = keys_lib.step_key(state.key, state.count)
+    grad, loss, c, finite = _estimate(fn, params, key_t, config)
+    new_state = ZOGradState(
+        count=optax.safe_increment(state.count),
+        key=state.key,
+        loss=loss,
+        projected_grads=c,
+        num_nonfinite=state.num_nonfinite + jnp.where(finite, 0, 1).astype(jnp.int32),
+    )
+    return grad, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,81 @@
+"""Key derivation: every random draw in zojax comes from one helper here.
+
+A zojax transform keeps a single `jax.random` key in its state and never
+advances it. Each draw is *derived* from that key, so any draw can be
+regenerated later from integers alone (the "seed trick" of MeZO,
+arXiv 2305.17333, section 2):
+
+    step key   k_t     = fold_in(key, t)              (t = step count)
+    query key  k_{t,i} = fold_in(k_t, i)              (i = query index)
+    leaf keys  k_{t,i,l} = split(k_{t,i}, L)[l]       (l = leaf index)
+
+Perturbing, restoring and updating therefore use the same draws by
+construction, on one device or many, and a resumed run continues the same
+stream as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KeyLike = Union[int, jax.Array]
+
+__all__ = ["as_key", "step_key", "query_key", "leaf_keys", "KeyLike"]
+
+
+def as_key(seed: KeyLike) -> jax.Array:
+  """Returns a typed `jax.random` key from an integer seed or a key.
+
+  Args:
+    seed: an integer (Python, NumPy or a scalar integer array), a typed key
+      (`jax.random.key`), or a raw uint32 key of shape (2,)
+      (`jax.random.PRNGKey`).
+
+  Returns:
+    A typed key array of shape ().
+
+  Raises:
+    TypeError: if ``seed`` is neither an integer nor a key.
+  """
+  if isinstance(seed, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+      if seed.shape != ():
+        raise TypeError(f"seed must be a single key, got a key array of shape {seed.shape}.")
+      return seed
+    if seed.dtype == jnp.uint32 and seed.shape == (2,):
+      return jax.random.wrap_key_data(jnp.asarray(seed))
+    if jnp.issubdtype(seed.dtype, jnp.integer) and seed.shape == ():
+      return jax.random.key(seed)
+    raise TypeError(
+        "seed must be an integer or a jax.random key, got an array of dtype "
+        f"{seed.dtype} and shape {seed.shape}."
+    )
+  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    return jax.random.key(int(seed))
+  raise TypeError(f"seed must be an integer or a jax.random key, got {seed!r}.")
+
+
+def step_key(key: jax.Array, count: jax.Array) -> jax.Array:
+  """Key of step ``count``: ``fold_in(key, count)``."""
+  return jax.random.fold_in(key, count)
+
+
+def query_key(key_t: jax.Array, index: jax.Array | int) -> jax.Array:
+  """Key of query ``index`` within a step: ``fold_in(key_t, index)``."""
+  return jax.random.fold_in(key_t, index)
+
+
+def leaf_keys(key: jax.Array, tree) -> list[jax.Array]:
+  """One key per leaf of ``tree`` (in `jax.tree.leaves` order), by `split`.
+
+  Every leaf gets a key whether or not it is perturbed, so masking one leaf
+  out never changes the draws of the others.
+  """
+  num = len(jax.tree.leaves(tree))
+  if num == 0:
+    return []
+  return list(jax.random.split(key, num))

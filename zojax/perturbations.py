@@ -1,0 +1,304 @@
+"""Random perturbation directions over a parameter pytree.
+
+A direction ``z`` has the structure of the parameters. It is never stored
+between uses: every function here regenerates it from a key (see
+`zojax.keys`), so the same key gives the same ``z`` for the forward passes
+and for the update.
+
+Three distributions are offered, each with ``E[z z^T] = I`` over the
+perturbed coordinates, which makes the SPSA estimate ``c z`` unbiased up to
+O(eps^2) (ALGORITHMS.md section 1.1):
+
+* ``"gaussian"``: ``z ~ N(0, I_d)``, MeZO's choice (arXiv 2305.17333).
+* ``"rademacher"``: iid entries in {-1, +1} (Spall's SPSA; FZOO,
+  arXiv 2506.09034).
+* ``"sphere"``: uniform on the sphere of radius ``sqrt(d)``, the root mean
+  square norm of the Gaussian (``E||z||^2 = d``). We scale to ``sqrt(d)``
+  rather than to ``E||z||`` (which is slightly smaller) so the covariance is
+  exactly the identity and the estimator stays unbiased. ``d`` counts every
+  perturbed entry of the tree: the direction is uniform on the sphere of the
+  whole model, not per leaf.
+
+Only floating-point leaves can be perturbed. Leaves are selected by a mask
+(a pytree of booleans with the structure of the parameters, or a callable
+returning one); masked-out leaves are left untouched and get zero updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from zojax import keys as keys_lib
+
+DISTRIBUTIONS = ("gaussian", "rademacher", "sphere")
+
+Mask = Union[Any, Callable[[Any], Any], None]
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "check_distribution",
+    "resolve_mask",
+    "perturbable_leaves",
+    "sample_direction",
+    "perturb",
+    "combine_directions",
+]
+
+
+def check_distribution(distribution: str) -> str:
+  """Returns ``distribution`` or raises a ValueError naming the valid ones."""
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(
+        f"Unknown direction distribution {distribution!r}; expected one of {DISTRIBUTIONS}."
+    )
+  return distribution
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def resolve_mask(mask: Mask, params) -> list[bool]:
+  """Returns one Python bool per leaf of ``params``: True if it is perturbed.
+
+  Args:
+    mask: None (every leaf), a pytree of booleans with the structure of
+      ``params``, or a callable mapping ``params`` to such a pytree. The mask
+      must be static (Python booleans), as for `optax.masked`.
+    params: the parameter pytree.
+
+  Returns:
+    A list of bools in `jax.tree.leaves(params)` order.
+
+  Raises:
+    ValueError: if the mask does not match the structure of ``params`` or is
+      not made of static booleans.
+  """
+  num_leaves = len(jax.tree.leaves(params))
+  if mask is None:
+    return [True] * num_leaves
+  mask_tree = mask(params) if callable(mask) else mask
+  params_def = jax.tree.structure(params)
+  try:
+    flat = params_def.flatten_up_to(mask_tree)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+        "The mask must have the same pytree structure as the parameters "
+        f"({params_def}); got {jax.tree.structure(mask_tree)}."
+    ) from err
+  out = []
+  for value in flat:
+    if isinstance(value, jax.core.Tracer):
+      raise ValueError("The mask must hold static Python booleans, not traced arrays.")
+    out.append(bool(value))
+  return out
+
+
+def perturbable_leaves(params, mask: Mask = None) -> list[bool]:
+  """Validates ``params`` for perturbation and returns the resolved mask.
+
+  Args:
+    params: the parameter pytree.
+    mask: see `resolve_mask`.
+
+  Returns:
+    One bool per leaf, True where the leaf is perturbed.
+
+  Raises:
+    TypeError: if a leaf that is not masked out is not a real floating-point
+      array (integer, bool or complex), naming its path; or if ``params`` holds
+      `optax.MaskedNode` placeholders (the estimator was wrapped in
+      `optax.masked`, which hides leaves the loss needs).
+  """
+  is_masked_node = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  if any(is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=is_masked_node)):
+    raise TypeError(
+        "The parameters contain optax.MaskedNode placeholders: a ZO estimator "
+        "cannot run inside optax.masked, because the loss needs every parameter. "
+        "Pass mask=... to the estimator instead, and use optax.masked only for "
+        "transforms after it."
+    )
+  flags = resolve_mask(mask, params)
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, leaf), flag in zip(paths, flags):
+    if not flag:
+      continue
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"Parameter {_path_str(path)} has dtype {dtype}; only real floating-point "
+          "leaves can be perturbed. Mask it out with mask=... (for example "
+          "mask=lambda p: jax.tree.map(lambda x: jnp.issubdtype(x.dtype, "
+          "jnp.floating), p))."
+      )
+  return flags
+
+
+def _draw(key: jax.Array, leaf, distribution: str) -> jax.Array:
+  shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+  if distribution == "rademacher":
+    return jax.random.rademacher(key, shape, dtype=dtype)
+  return jax.random.normal(key, shape, dtype=dtype)
+
+
+def _raw_directions(key, params, distribution, flags) -> list[jax.Array | None]:
+  """Per-leaf draws (None for masked-out leaves), sphere-normalised if asked."""
+  leaves = jax.tree.leaves(params)
+  leaf_keys = keys_lib.leaf_keys(key, params)
+  draws = [
+      _draw(k, leaf, distribution) if flag else None
+      for k, leaf, flag in zip(leaf_keys, leaves, flags)
+  ]
+  if distribution == "sphere":
+    live = [z for z in draws if z is not None]
+    if live:
+      dim = sum(z.size for z in live)
+      sq_norm = sum(jnp.sum(jnp.square(z.astype(jnp.float32))) for z in live)
+      factor = jnp.sqrt(jnp.float32(dim)) * jax.lax.rsqrt(sq_norm)
+      draws = [None if z is None else (z * factor.astype(z.dtype)) for z in draws]
+  return draws
+
+
+def sample_direction(
+    key: jax.Array,
+    params,
+    distribution: str = "gaussian",
+    mask: Mask = None,
+):
+  """Draws one direction ``z`` with the structure and dtypes of ``params``.
+
+  Args:
+    key: a `jax.random` key (typically a query key from `zojax.keys`).
+    params: the parameter pytree (only shapes and dtypes are used).
+    distribution: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
+    mask: which leaves are perturbed (see `resolve_mask`); masked-out leaves
+      of the result are zeros.
+
+  Returns:
+    A pytree ``z`` like ``params`` with ``E[z z^T] = I`` on the perturbed
+    coordinates.
+  """
+  check_distribution(distribution)
+  flags = perturbable_leaves(params, mask)
+  draws = _raw_directions(key, params, distribution, flags)
+  leaves, treedef = jax.tree.flatten(params)
+  out = [jnp.zeros_like(p) if z is None else z for p, z in zip(leaves, draws)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def perturb(
+    params,
+    key: jax.Array,
+    scale: jax.Array | float,
+    distribution: str = "gaussian",
+    mask: Mask = None,
+):
+  """Returns ``params + scale * z(key)``; masked-out leaves are returned as is.
+
+  ``z`` is drawn inside this function, so under `jit` XLA can fuse the draw
+  into the addition and never hold ``z`` and the perturbed copy at once.
+
+  Args:
+    params: the parameter pytree.
+    key: the key ``z`` is drawn from.
+    scale: a scalar, e.g. ``+eps`` or ``-eps``.
+    distribution: see `sample_direction`.
+    mask: see `resolve_mask`.
+
+  Returns:
+    The perturbed parameters, with the dtypes of ``params``.
+  """
+  check_distribution(distribution)
+  flags = perturbable_leaves(params, mask)
+  draws = _raw_directions(key, params, distribution, flags)
+  leaves, treedef = jax.tree.flatten(params)
+  out = [
+      p if z is None else p + jnp.asarray(scale, jnp.float32).astype(z.dtype) * z
+      for p, z in zip(leaves, draws)
+  ]
+  return jax.tree.unflatten(treedef, out)
+
+
+def combine_directions(
+    params,
+    query_keys: jax.Array,
+    weights: jax.Array,
+    distribution: str = "gaussian",
+    mask: Mask = None,
+    vectorize: bool = False,
+):
+  """Returns ``sum_i weights[i] * z(query_keys[i])`` without storing the z_i.
+
+  By default the directions are regenerated one at a time in a `lax.scan`
+  that accumulates the sum (memory: one direction plus the accumulator).
+  With ``vectorize=True`` all directions are drawn at once and contracted
+  (memory: ``len(weights)`` directions).
+
+  Args:
+    params: the parameter pytree (shapes and dtypes).
+    query_keys: keys of shape (N,).
+    weights: float array of shape (N,).
+    distribution: see `sample_direction`.
+    mask: see `resolve_mask`; masked-out leaves of the result are zeros.
+    vectorize: draw all directions at once instead of sequentially.
+
+  Returns:
+    A pytree like ``params``.
+  """
+  check_distribution(distribution)
+  flags = perturbable_leaves(params, mask)
+  leaves, treedef = jax.tree.flatten(params)
+  weights = jnp.asarray(weights, jnp.float32)
+  num = weights.shape[0]
+
+  def one(key, weight):
+    draws = _raw_directions(key, params, distribution, flags)
+    return [None if z is None else weight.astype(z.dtype) * z for z in draws]
+
+  def acc_dtype(leaf):
+    return jnp.promote_types(jnp.result_type(leaf), jnp.float32)
+
+  if num == 1:
+    summed = one(query_keys[0], weights[0])
+  elif vectorize:
+    def draw_all(key):
+      return [z for z in _raw_directions(key, params, distribution, flags) if z is not None]
+
+    stacked = jax.vmap(draw_all)(query_keys)
+    it = iter(stacked)
+    summed = []
+    for flag, leaf in zip(flags, leaves):
+      if not flag:
+        summed.append(None)
+        continue
+      zs = next(it)
+      total = jnp.tensordot(weights, zs.astype(acc_dtype(leaf)), axes=1)
+      summed.append(total.astype(jnp.result_type(leaf)))
+  else:
+    init = [
+        jnp.zeros(jnp.shape(leaf), acc_dtype(leaf)) if flag else None
+        for flag, leaf in zip(flags, leaves)
+    ]
+
+    def body(acc, inputs):
+      key, weight = inputs
+      draws = _raw_directions(key, params, distribution, flags)
+      new = [
+          None if a is None else a + weight * z.astype(a.dtype)
+          for a, z in zip(acc, draws)
+      ]
+      return new, None
+
+    total, _ = jax.lax.scan(body, init, (query_keys, weights))
+    summed = [
+        None if t is None else t.astype(jnp.result_type(leaf))
+        for t, leaf in zip(total, leaves)
+    ]
+  out = [jnp.zeros_like(p) if s is None else s for p, s in zip(leaves, summed)]
+  return jax.tree.unflatten(treedef, out)
+
