@@ -78,17 +78,17 @@ def _resolve_value_fn(loss_fn, value_fn, batch) -> Callable[[Any], jax.Array]:
   if loss_fn is not None:
     if value_fn is not None:
       raise ValueError(
-          "This zo_grad was built with a loss_fn, so it takes the batch as "
-          "update(..., batch=batch); it does not also take value_fn=."
+        "This zo_grad was built with a loss_fn, so it takes the batch as "
+        "update(..., batch=batch); it does not also take value_fn=."
       )
     if batch is _MISSING:
       return loss_fn
     return lambda p: loss_fn(p, batch)
   if value_fn is None:
     raise ValueError(
-        "zo_grad needs the loss: call update(updates, state, params, "
-        "value_fn=lambda p: loss(p, batch)), or build it as zo_grad(loss_fn) and "
-        "call update(updates, state, params, batch=batch)."
+      "zo_grad needs the loss: call update(updates, state, params, "
+      "value_fn=lambda p: loss(p, batch)), or build it as zo_grad(loss_fn) and "
+      "call update(updates, state, params, batch=batch)."
     )
   if not callable(value_fn):
     raise TypeError(f"value_fn must be callable, got {type(value_fn).__name__}.")
@@ -101,18 +101,18 @@ def _check_value_fn(value_fn, params) -> None:
   if len(leaves) != 1 or leaves[0].shape != ():
     shapes = jax.tree.map(lambda x: x.shape, out)
     raise ValueError(
-        f"value_fn must return a scalar loss; it returned shapes {shapes}. "
-        "Reduce the loss over the batch (e.g. with .mean())."
+      f"value_fn must return a scalar loss; it returned shapes {shapes}. "
+      "Reduce the loss over the batch (e.g. with .mean())."
     )
   if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
     raise TypeError(f"value_fn must return a floating-point scalar, got dtype {leaves[0].dtype}.")
 
 
 def _estimate(
-    value_fn: Callable[[Any], jax.Array],
-    params,
-    step_key: jax.Array,
-    config: _Config,
+  value_fn: Callable[[Any], jax.Array],
+  params,
+  step_key: jax.Array,
+  config: _Config,
 ):
   """Runs the queries of one step and returns ``(grad, loss, c, finite)``.
 
@@ -154,21 +154,21 @@ def _estimate(
     finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(f0)
   c = jnp.where(finite, c, jnp.zeros_like(c))
   grad = perturbations.combine_directions(
-      params, qkeys, c / num, dist, mask, vectorize=config.vectorize
+    params, qkeys, c / num, dist, mask, vectorize=config.vectorize
   )
   return grad, loss, c, finite
 
 
 def zo_grad(
-    loss_fn: Callable[..., jax.Array] | None = None,
-    *,
-    num_queries: int = 1,
-    eps: float = 1e-3,
-    estimator: str = "two_sided",
-    distribution: str = "gaussian",
-    mask: perturbations.Mask = None,
-    vectorize: bool = False,
-    seed: keys_lib.KeyLike = 0,
+  loss_fn: Callable[..., jax.Array] | None = None,
+  *,
+  num_queries: int = 1,
+  eps: float = 1e-3,
+  estimator: str = "two_sided",
+  distribution: str = "gaussian",
+  mask: perturbations.Mask = None,
+  vectorize: bool = False,
+  seed: keys_lib.KeyLike = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Zeroth-order (SPSA) gradient estimate from forward passes only.
 
@@ -240,7 +240,8 @@ def zo_grad(
     ValueError: at construction for ``num_queries < 1``, ``eps <= 0`` or an
       unknown estimator/distribution; at trace time for a missing loss or a
       loss that is not a scalar.
-    TypeError: at trace time for a non-floating leaf that is not masked out.
+    TypeError: at construction for a seed that is neither an integer nor a
+      key; at trace time for a non-floating leaf that is not masked out.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, zojax
@@ -260,15 +261,16 @@ def zo_grad(
   if loss_fn is not None and not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
   config = _Config(num_queries, float(eps), estimator, distribution, mask, bool(vectorize))
+  key = keys_lib.as_key(seed)
 
   def init_fn(params):
     del params
     return ZOGradState(
-        count=jnp.zeros([], jnp.int32),
-        key=keys_lib.as_key(seed),
-        loss=jnp.full([], jnp.nan, jnp.float32),
-        projected_grads=jnp.zeros([num_queries], jnp.float32),
-        num_nonfinite=jnp.zeros([], jnp.int32),
+      count=jnp.zeros([], jnp.int32),
+      key=key,
+      loss=jnp.full([], jnp.nan, jnp.float32),
+      projected_grads=jnp.zeros([num_queries], jnp.float32),
+      num_nonfinite=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, value_fn=None, batch=_MISSING, **extra_args):
@@ -281,11 +283,11 @@ def zo_grad(
     key_t = keys_lib.step_key(state.key, state.count)
     grad, loss, c, finite = _estimate(fn, params, key_t, config)
     new_state = ZOGradState(
-        count=optax.safe_increment(state.count),
-        key=state.key,
-        loss=loss,
-        projected_grads=c,
-        num_nonfinite=state.num_nonfinite + jnp.where(finite, 0, 1).astype(jnp.int32),
+      count=optax.safe_increment(state.count),
+      key=state.key,
+      loss=loss,
+      projected_grads=c,
+      num_nonfinite=state.num_nonfinite + jnp.where(finite, 0, 1).astype(jnp.int32),
     )
     return grad, new_state
 

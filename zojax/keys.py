@@ -16,13 +16,11 @@ stream as an uninterrupted one.
 
 from __future__ import annotations
 
-from typing import Union
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-KeyLike = Union[int, jax.Array]
+KeyLike = int | jax.Array
 
 __all__ = ["as_key", "step_key", "query_key", "leaf_keys", "KeyLike"]
 
@@ -51,8 +49,8 @@ def as_key(seed: KeyLike) -> jax.Array:
     if jnp.issubdtype(seed.dtype, jnp.integer) and seed.shape == ():
       return jax.random.key(seed)
     raise TypeError(
-        "seed must be an integer or a jax.random key, got an array of dtype "
-        f"{seed.dtype} and shape {seed.shape}."
+      "seed must be an integer or a jax.random key, got an array of dtype "
+      f"{seed.dtype} and shape {seed.shape}."
     )
   if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
     return jax.random.key(int(seed))
@@ -69,13 +67,10 @@ def query_key(key_t: jax.Array, index: jax.Array | int) -> jax.Array:
   return jax.random.fold_in(key_t, index)
 
 
-def leaf_keys(key: jax.Array, tree) -> list[jax.Array]:
-  """One key per leaf of ``tree`` (in `jax.tree.leaves` order), by `split`.
+def leaf_keys(key: jax.Array, tree) -> jax.Array:
+  """Keys of shape ``(L,)``, one per leaf of ``tree`` in `jax.tree.leaves` order.
 
   Every leaf gets a key whether or not it is perturbed, so masking one leaf
   out never changes the draws of the others.
   """
-  num = len(jax.tree.leaves(tree))
-  if num == 0:
-    return []
-  return list(jax.random.split(key, num))
+  return jax.random.split(key, len(jax.tree.leaves(tree)))

@@ -27,7 +27,7 @@ returning one); masked-out leaves are left untouched and get zero updates.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +37,16 @@ from zojax import keys as keys_lib
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "sphere")
 
-Mask = Union[Any, Callable[[Any], Any], None]
+Mask = Any | Callable[[Any], Any] | None
 
 __all__ = [
-    "DISTRIBUTIONS",
-    "check_distribution",
-    "resolve_mask",
-    "perturbable_leaves",
-    "sample_direction",
-    "perturb",
-    "combine_directions",
+  "DISTRIBUTIONS",
+  "check_distribution",
+  "resolve_mask",
+  "perturbable_leaves",
+  "sample_direction",
+  "perturb",
+  "combine_directions",
 ]
 
 
@@ -54,7 +54,7 @@ def check_distribution(distribution: str) -> str:
   """Returns ``distribution`` or raises a ValueError naming the valid ones."""
   if distribution not in DISTRIBUTIONS:
     raise ValueError(
-        f"Unknown direction distribution {distribution!r}; expected one of {DISTRIBUTIONS}."
+      f"Unknown direction distribution {distribution!r}; expected one of {DISTRIBUTIONS}."
     )
   return distribution
 
@@ -88,8 +88,8 @@ def resolve_mask(mask: Mask, params) -> list[bool]:
     flat = params_def.flatten_up_to(mask_tree)
   except (ValueError, TypeError) as err:
     raise ValueError(
-        "The mask must have the same pytree structure as the parameters "
-        f"({params_def}); got {jax.tree.structure(mask_tree)}."
+      "The mask must have the same pytree structure as the parameters "
+      f"({params_def}); got {jax.tree.structure(mask_tree)}."
     ) from err
   out = []
   for value in flat:
@@ -118,10 +118,10 @@ def perturbable_leaves(params, mask: Mask = None) -> list[bool]:
   is_masked_node = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
   if any(is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=is_masked_node)):
     raise TypeError(
-        "The parameters contain optax.MaskedNode placeholders: a ZO estimator "
-        "cannot run inside optax.masked, because the loss needs every parameter. "
-        "Pass mask=... to the estimator instead, and use optax.masked only for "
-        "transforms after it."
+      "The parameters contain optax.MaskedNode placeholders: a ZO estimator "
+      "cannot run inside optax.masked, because the loss needs every parameter. "
+      "Pass mask=... to the estimator instead, and use optax.masked only for "
+      "transforms after it."
     )
   flags = resolve_mask(mask, params)
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -131,29 +131,44 @@ def perturbable_leaves(params, mask: Mask = None) -> list[bool]:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"Parameter {_path_str(path)} has dtype {dtype}; only real floating-point "
-          "leaves can be perturbed. Mask it out with mask=... (for example "
-          "mask=lambda p: jax.tree.map(lambda x: jnp.issubdtype(x.dtype, "
-          "jnp.floating), p))."
+        f"Parameter {_path_str(path)} has dtype {dtype}; only real floating-point "
+        "leaves can be perturbed. Mask it out with mask=... (for example "
+        "mask=lambda p: jax.tree.map(lambda x: jnp.issubdtype(x.dtype, "
+        "jnp.floating), p))."
       )
   return flags
 
 
-def _draw(key: jax.Array, leaf, distribution: str) -> jax.Array:
-  shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
-  if distribution == "rademacher":
-    return jax.random.rademacher(key, shape, dtype=dtype)
-  return jax.random.normal(key, shape, dtype=dtype)
+def _draw(keys: jax.Array, shape, dtype, distribution: str) -> jax.Array:
+  """Draws ``len(keys)`` arrays of ``shape``: row ``j`` is the draw of ``keys[j]``."""
+
+  def one(key):
+    if distribution == "rademacher":
+      return jax.random.rademacher(key, shape, dtype=dtype)
+    return jax.random.normal(key, shape, dtype=dtype)
+
+  return jax.vmap(one)(keys)
 
 
 def _raw_directions(key, params, distribution, flags) -> list[jax.Array | None]:
-  """Per-leaf draws (None for masked-out leaves), sphere-normalised if asked."""
+  """Per-leaf draws (None for masked-out leaves), sphere-normalised if asked.
+
+  Leaf ``l`` is drawn from ``split(key, L)[l]``. Leaves of equal shape and
+  dtype are drawn by one vmapped generator call (which gives the same values
+  as separate calls), so a transformer with many identical layers compiles
+  one random-number kernel per distinct shape, not one per leaf.
+  """
   leaves = jax.tree.leaves(params)
-  leaf_keys = keys_lib.leaf_keys(key, params)
-  draws = [
-      _draw(k, leaf, distribution) if flag else None
-      for k, leaf, flag in zip(leaf_keys, leaves, flags)
-  ]
+  all_keys = keys_lib.leaf_keys(key, params)
+  groups: dict[tuple, list[int]] = {}
+  for index, (leaf, flag) in enumerate(zip(leaves, flags)):
+    if flag:
+      groups.setdefault((jnp.shape(leaf), jnp.result_type(leaf)), []).append(index)
+  draws: list[jax.Array | None] = [None] * len(leaves)
+  for (shape, dtype), indices in groups.items():
+    block = _draw(all_keys[jnp.asarray(indices)], shape, dtype, distribution)
+    for row, index in enumerate(indices):
+      draws[index] = block[row]
   if distribution == "sphere":
     live = [z for z in draws if z is not None]
     if live:
@@ -165,10 +180,10 @@ def _raw_directions(key, params, distribution, flags) -> list[jax.Array | None]:
 
 
 def sample_direction(
-    key: jax.Array,
-    params,
-    distribution: str = "gaussian",
-    mask: Mask = None,
+  key: jax.Array,
+  params,
+  distribution: str = "gaussian",
+  mask: Mask = None,
 ):
   """Draws one direction ``z`` with the structure and dtypes of ``params``.
 
@@ -192,11 +207,11 @@ def sample_direction(
 
 
 def perturb(
-    params,
-    key: jax.Array,
-    scale: jax.Array | float,
-    distribution: str = "gaussian",
-    mask: Mask = None,
+  params,
+  key: jax.Array,
+  scale: jax.Array | float,
+  distribution: str = "gaussian",
+  mask: Mask = None,
 ):
   """Returns ``params + scale * z(key)``; masked-out leaves are returned as is.
 
@@ -218,19 +233,19 @@ def perturb(
   draws = _raw_directions(key, params, distribution, flags)
   leaves, treedef = jax.tree.flatten(params)
   out = [
-      p if z is None else p + jnp.asarray(scale, jnp.float32).astype(z.dtype) * z
-      for p, z in zip(leaves, draws)
+    p if z is None else p + jnp.asarray(scale, jnp.float32).astype(z.dtype) * z
+    for p, z in zip(leaves, draws)
   ]
   return jax.tree.unflatten(treedef, out)
 
 
 def combine_directions(
-    params,
-    query_keys: jax.Array,
-    weights: jax.Array,
-    distribution: str = "gaussian",
-    mask: Mask = None,
-    vectorize: bool = False,
+  params,
+  query_keys: jax.Array,
+  weights: jax.Array,
+  distribution: str = "gaussian",
+  mask: Mask = None,
+  vectorize: bool = False,
 ):
   """Returns ``sum_i weights[i] * z(query_keys[i])`` without storing the z_i.
 
@@ -266,6 +281,7 @@ def combine_directions(
   if num == 1:
     summed = one(query_keys[0], weights[0])
   elif vectorize:
+
     def draw_all(key):
       return [z for z in _raw_directions(key, params, distribution, flags) if z is not None]
 
@@ -281,24 +297,19 @@ def combine_directions(
       summed.append(total.astype(jnp.result_type(leaf)))
   else:
     init = [
-        jnp.zeros(jnp.shape(leaf), acc_dtype(leaf)) if flag else None
-        for flag, leaf in zip(flags, leaves)
+      jnp.zeros(jnp.shape(leaf), acc_dtype(leaf)) if flag else None
+      for flag, leaf in zip(flags, leaves)
     ]
 
     def body(acc, inputs):
       key, weight = inputs
       draws = _raw_directions(key, params, distribution, flags)
-      new = [
-          None if a is None else a + weight * z.astype(a.dtype)
-          for a, z in zip(acc, draws)
-      ]
+      new = [None if a is None else a + weight * z.astype(a.dtype) for a, z in zip(acc, draws)]
       return new, None
 
     total, _ = jax.lax.scan(body, init, (query_keys, weights))
     summed = [
-        None if t is None else t.astype(jnp.result_type(leaf))
-        for t, leaf in zip(total, leaves)
+      None if t is None else t.astype(jnp.result_type(leaf)) for t, leaf in zip(total, leaves)
     ]
   out = [jnp.zeros_like(p) if s is None else s for p, s in zip(leaves, summed)]
   return jax.tree.unflatten(treedef, out)
-

@@ -26,23 +26,23 @@ def matrix_mask(mask: perturbations.Mask = None) -> Callable:
     flags = perturbations.resolve_mask(mask, tree)
     leaves, treedef = jax.tree.flatten(tree)
     return jax.tree.unflatten(
-        treedef, [flag and leaf.ndim >= 2 for flag, leaf in zip(flags, leaves)]
+      treedef, [flag and leaf.ndim >= 2 for flag, leaf in zip(flags, leaves)]
     )
 
   return fn
 
 
 def mezo(
-    learning_rate: optax.ScalarOrSchedule,
-    eps: float = 1e-3,
-    weight_decay: float = 0.0,
-    *,
-    num_queries: int = 1,
-    distribution: str = "gaussian",
-    mask: perturbations.Mask = None,
-    loss_fn: Callable | None = None,
-    vectorize: bool = False,
-    seed: keys_lib.KeyLike = 0,
+  learning_rate: optax.ScalarOrSchedule,
+  eps: float = 1e-3,
+  weight_decay: float = 0.0,
+  *,
+  num_queries: int = 1,
+  distribution: str = "gaussian",
+  mask: perturbations.Mask = None,
+  loss_fn: Callable | None = None,
+  vectorize: bool = False,
+  seed: keys_lib.KeyLike = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO: memory-efficient zeroth-order SGD (Malladi et al., arXiv 2305.17333).
 
@@ -92,16 +92,16 @@ def mezo(
     >>> params = optax.apply_updates(params, updates)
   """
   return optax.chain(
-      zo_grad(
-          loss_fn,
-          num_queries=num_queries,
-          eps=eps,
-          estimator="two_sided",
-          distribution=distribution,
-          mask=mask,
-          vectorize=vectorize,
-          seed=seed,
-      ),
-      optax.add_decayed_weights(weight_decay, mask=matrix_mask(mask)),
-      optax.scale_by_learning_rate(learning_rate),
+    zo_grad(
+      loss_fn,
+      num_queries=num_queries,
+      eps=eps,
+      estimator="two_sided",
+      distribution=distribution,
+      mask=mask,
+      vectorize=vectorize,
+      seed=seed,
+    ),
+    optax.add_decayed_weights(weight_decay, mask=matrix_mask(mask)),
+    optax.scale_by_learning_rate(learning_rate),
   )

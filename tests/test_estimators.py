@@ -1,0 +1,439 @@
+"""Tests for zojax.estimators: unbiasedness against jax.grad, keys, guards, errors."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+from jax.flatten_util import ravel_pytree
+
+import zojax
+from tests import stats
+
+NUM_SAMPLES = 4000
+
+
+def quadratic_problem():
+  """f(theta) = 0.5 theta^T A theta + b^T theta on a two-leaf tree (d = 10)."""
+  rng = np.random.default_rng(0)
+  m = rng.normal(size=(10, 10))
+  a = jnp.asarray(m @ m.T / 10 + np.eye(10), jnp.float32)
+  b = jnp.asarray(rng.normal(size=10), jnp.float32)
+  params = {
+    "w": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32),
+    "v": jnp.asarray(rng.normal(size=4), jnp.float32),
+  }
+
+  def loss(p):
+    theta = ravel_pytree(p)[0]
+    return 0.5 * theta @ a @ theta + b @ theta
+
+  return params, loss
+
+
+def mlp_problem():
+  """A 3-4-1 tanh MLP with squared loss on fixed data (d = 21)."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(16, 1)), jnp.float32)
+  params = {
+    "l1": {
+      "kernel": jnp.asarray(rng.normal(size=(3, 4)) * 0.7, jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=4) * 0.1, jnp.float32),
+    },
+    "l2": {
+      "kernel": jnp.asarray(rng.normal(size=(4, 1)) * 0.7, jnp.float32),
+      "bias": jnp.zeros(1, jnp.float32),
+    },
+  }
+
+  def loss(p):
+    h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+    return jnp.mean((h @ p["l2"]["kernel"] + p["l2"]["bias"] - y) ** 2)
+
+  return params, loss
+
+
+PROBLEMS = {"quadratic": quadratic_problem, "mlp": mlp_problem}
+
+
+def many_estimates(tx, params, loss, num=NUM_SAMPLES):
+  """``num`` independent estimates (steps 0..num-1 of one key), raveled."""
+  state = tx.init(params)
+
+  def one(count):
+    updates, _ = tx.update(None, state._replace(count=count), params, value_fn=loss)
+    return ravel_pytree(updates)[0]
+
+  return jax.jit(jax.vmap(one))(jnp.arange(num, dtype=jnp.int32))
+
+
+CASES = [
+  dict(testcase_name=f"{p}_{e}_{d}_q{q}", problem=p, estimator=e, distribution=d, num_queries=q)
+  for p, e, d, q in itertools.product(PROBLEMS, zojax.ESTIMATORS, zojax.DISTRIBUTIONS, (1, 4))
+]
+
+
+class UnbiasednessTest(parameterized.TestCase):
+  @parameterized.named_parameters(*CASES)
+  def test_mean_matches_exact_gradient(self, problem, estimator, distribution, num_queries):
+    params, loss = PROBLEMS[problem]()
+    tx = zojax.zo_grad(
+      num_queries=num_queries, eps=1e-3, estimator=estimator, distribution=distribution, seed=3
+    )
+    samples = many_estimates(tx, params, loss)
+    exact = ravel_pytree(jax.grad(loss)(params))[0]
+    stats.assert_mean_matches(samples, exact, what=f"{problem}/{estimator}/{distribution}")
+
+  @parameterized.parameters(*zojax.ESTIMATORS)
+  def test_check_catches_a_factor_of_two(self, estimator):
+    # The same check, fed the estimate with 1/eps instead of 1/(2 eps) (two-sided)
+    # or 1/(2 eps) instead of 1/eps (one-sided), must fail.
+    params, loss = quadratic_problem()
+    tx = zojax.zo_grad(estimator=estimator, seed=3)
+    samples = many_estimates(tx, params, loss)
+    factor = 2.0 if estimator == "two_sided" else 0.5
+    exact = ravel_pytree(jax.grad(loss)(params))[0]
+    with pytest.raises(AssertionError, match="exceeds"):
+      stats.assert_mean_matches(factor * samples, exact)
+
+
+class ScalarsTest(parameterized.TestCase):
+  """The recorded scalars are the finite differences of the actual draws."""
+
+  def test_two_sided_scalars_and_loss(self):
+    params, loss = quadratic_problem()
+    eps = 1e-2
+    tx = zojax.zo_grad(num_queries=3, eps=eps, seed=5)
+    state = tx.init(params)
+    updates, new_state = tx.update(None, state, params, value_fn=loss)
+    key_t = zojax.keys.step_key(state.key, state.count)
+    fplus, fminus, expected = [], [], []
+    for i in range(3):
+      z = zojax.sample_direction(zojax.keys.query_key(key_t, i), params)
+      fp = loss(jax.tree.map(lambda p, d: p + eps * d, params, z))
+      fm = loss(jax.tree.map(lambda p, d: p - eps * d, params, z))
+      fplus.append(fp)
+      fminus.append(fm)
+      expected.append((fp - fm) / (2 * eps))
+    np.testing.assert_allclose(new_state.projected_grads, expected, rtol=1e-4)
+    np.testing.assert_allclose(new_state.loss, np.mean(fplus + fminus), rtol=1e-6)
+    z_sum = sum(
+      c / 3 * ravel_pytree(zojax.sample_direction(zojax.keys.query_key(key_t, i), params))[0]
+      for i, c in enumerate(new_state.projected_grads)
+    )
+    np.testing.assert_allclose(ravel_pytree(updates)[0], z_sum, rtol=1e-5, atol=1e-6)
+    self.assertEqual(int(new_state.count), 1)
+
+  def test_one_sided_records_baseline(self):
+    params, loss = quadratic_problem()
+    tx = zojax.zo_grad(num_queries=2, estimator="one_sided", seed=5)
+    _, state = tx.update(None, tx.init(params), params, value_fn=loss)
+    np.testing.assert_allclose(state.loss, loss(params), rtol=1e-6)
+
+  def test_forwards_per_step(self):
+    self.assertEqual(zojax.forwards_per_step(1), 2)
+    self.assertEqual(zojax.forwards_per_step(4, "two_sided"), 8)
+    self.assertEqual(zojax.forwards_per_step(16, "one_sided"), 17)
+
+  def test_forward_count_matches_traced_calls(self):
+    params, loss = quadratic_problem()
+    for estimator in zojax.ESTIMATORS:
+      calls = []
+
+      def counting(p, calls=calls):
+        calls.append(1)
+        return loss(p)
+
+      tx = zojax.zo_grad(num_queries=3, estimator=estimator, vectorize=True)
+      jax.jit(lambda p, s: tx.update(None, s, p, value_fn=counting)).lower(params, tx.init(params))
+      # One trace for the shape check, one for the (vmapped) queries, plus
+      # the baseline for the one-sided estimator.
+      self.assertEqual(len(calls), 2 if estimator == "two_sided" else 3)
+
+
+class DeterminismTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_same_key_bit_identical(self):
+    params, loss = mlp_problem()
+    tx = optax.chain(zojax.zo_grad(num_queries=2), optax.sgd(0.05))
+    step = self.variant(lambda p, s: tx.update(None, s, p, value_fn=loss))
+    num_steps = 3 if self.variant.type == chex.ChexVariantType.WITH_JIT else 1
+
+    def run(seed):
+      # The seed only changes the initial state, so every run shares `step`.
+      state = optax.chain(zojax.zo_grad(num_queries=2, seed=seed), optax.sgd(0.05)).init(params)
+      p = params
+      for _ in range(num_steps):
+        u, state = step(p, state)
+        p = optax.apply_updates(p, u)
+      return p
+
+    chex.assert_trees_all_equal(run(7), run(7))
+    chex.assert_trees_all_equal(run(jax.random.key(7)), run(7))
+    with pytest.raises(AssertionError):
+      chex.assert_trees_all_equal(run(7), run(8))
+
+  def test_jit_matches_eager(self):
+    params, loss = mlp_problem()
+    tx = zojax.zo_grad(num_queries=3, seed=1)
+    state = tx.init(params)
+    eager = tx.update(None, state, params, value_fn=loss)[0]
+    jitted = jax.jit(lambda p, s: tx.update(None, s, p, value_fn=loss)[0])(params, state)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters(*zojax.ESTIMATORS)
+  def test_vectorized_matches_sequential(self, estimator):
+    params, loss = mlp_problem()
+    outs = []
+    for vectorize in (False, True):
+      tx = zojax.zo_grad(num_queries=4, estimator=estimator, vectorize=vectorize, seed=2)
+      outs.append(
+        jax.jit(lambda p, s, tx=tx: tx.update(None, s, p, value_fn=loss)[0])(
+          params, tx.init(params)
+        )
+      )
+    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+  def test_steps_use_fresh_directions(self):
+    params, loss = mlp_problem()
+    tx = zojax.zo_grad(seed=0)
+    state = tx.init(params)
+    u1, state = tx.update(None, state, params, value_fn=loss)
+    u2, _ = tx.update(None, state, params, value_fn=loss)
+    self.assertFalse(np.allclose(ravel_pytree(u1)[0], ravel_pytree(u2)[0]))
+
+
+class LossBoundFormTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_batch_extra_arg_equals_value_fn(self):
+    params, _ = mlp_problem()
+    rng = np.random.default_rng(3)
+    batch = (
+      jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+      jnp.asarray(rng.normal(size=(8, 1)), jnp.float32),
+    )
+
+    def loss_fn(p, b):
+      x, y = b
+      h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+      return jnp.mean((h @ p["l2"]["kernel"] + p["l2"]["bias"] - y) ** 2)
+
+    bound = optax.chain(zojax.zo_grad(loss_fn, seed=4), optax.scale(-0.1))
+    free = optax.chain(zojax.zo_grad(seed=4), optax.scale(-0.1))
+    a = self.variant(lambda p, s, b: bound.update(None, s, p, batch=b))(
+      params, bound.init(params), batch
+    )
+    b = self.variant(lambda p, s, b: free.update(None, s, p, value_fn=lambda q: loss_fn(q, b)))(
+      params, free.init(params), batch
+    )
+    chex.assert_trees_all_equal(a, b)
+
+  def test_loss_without_batch(self):
+    params, loss = quadratic_problem()
+    tx = zojax.zo_grad(loss, seed=1)
+    a = tx.update(None, tx.init(params), params)[0]
+    b = zojax.zo_grad(seed=1).update(None, tx.init(params), params, value_fn=loss)[0]
+    chex.assert_trees_all_equal(a, b)
+
+
+class NonFiniteGuardTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*zojax.ESTIMATORS)
+  def test_nonfinite_query_is_a_noop(self, estimator):
+    params, loss = mlp_problem()
+    w0 = params["l1"]["kernel"][0, 0]
+
+    def spiky(p):  # infinite whenever the perturbation raises this weight
+      return jnp.where(p["l1"]["kernel"][0, 0] > w0, jnp.inf, loss(p))
+
+    tx = optax.chain(zojax.zo_grad(num_queries=2, estimator=estimator, seed=0), optax.sgd(0.1))
+    state = tx.init(params)
+    step = self.variant(lambda p, s: tx.update(None, s, p, value_fn=spiky))
+    updates, state = step(params, state)
+    new_params = optax.apply_updates(params, updates)
+    chex.assert_trees_all_equal(new_params, params)
+    chex.assert_tree_all_finite(new_params)
+    self.assertEqual(int(state[0].num_nonfinite), 1)
+    np.testing.assert_array_equal(state[0].projected_grads, np.zeros(2))
+
+  def test_finite_step_after_a_skipped_one(self):
+    params, loss = mlp_problem()
+    tx = optax.chain(zojax.zo_grad(seed=0), optax.sgd(0.1))
+
+    @jax.jit
+    def step(p, s, bad):
+      return tx.update(None, s, p, value_fn=lambda q: loss(q) + jnp.where(bad, jnp.nan, 0.0))
+
+    updates, state = step(params, tx.init(params), True)
+    self.assertEqual(float(optax.tree_utils.tree_norm(updates)), 0.0)
+    updates, state = step(params, state, False)
+    self.assertEqual(int(state[0].num_nonfinite), 1)
+    self.assertEqual(int(state[0].count), 2)
+    self.assertGreater(float(optax.tree_utils.tree_norm(updates)), 0.0)
+
+  def test_nan_batch(self):
+    params, loss = quadratic_problem()
+    tx = zojax.zo_grad(lambda p, b: loss(p) * b, seed=0)
+    updates, state = tx.update(None, tx.init(params), params, batch=jnp.float32(jnp.nan))
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+    self.assertTrue(np.isnan(state.loss))
+    self.assertEqual(int(state.num_nonfinite), 1)
+
+
+class MaskTest(parameterized.TestCase):
+  def test_masked_leaves_get_zero_updates_and_others_unchanged(self):
+    params, loss = mlp_problem()
+    mask = {"l1": {"kernel": True, "bias": False}, "l2": {"kernel": True, "bias": True}}
+    tx = zojax.zo_grad(mask=mask, seed=9)
+    state = tx.init(params)
+    updates, _ = tx.update(None, state, params, value_fn=loss)
+    np.testing.assert_array_equal(updates["l1"]["bias"], np.zeros(4))
+    # Masking a leaf does not change the draws of the others.
+    key = zojax.keys.query_key(zojax.keys.step_key(state.key, 0), 0)
+    z_full = zojax.sample_direction(key, params)
+    z_mask = zojax.sample_direction(key, params, mask=mask)
+    chex.assert_trees_all_equal(z_full["l2"], z_mask["l2"])
+    chex.assert_trees_all_equal(z_full["l1"]["kernel"], z_mask["l1"]["kernel"])
+
+  def test_integer_leaf_must_be_masked(self):
+    params, loss = quadratic_problem()
+    params = dict(params, step=jnp.array(3, jnp.int32))
+    tx = zojax.zo_grad(seed=0)
+    with pytest.raises(TypeError, match=r"\['step'\].*int32"):
+      tx.update(None, tx.init(params), params, value_fn=lambda p: loss({"w": p["w"], "v": p["v"]}))
+    mask_fn = lambda p: jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.floating), p)
+    tx = zojax.zo_grad(mask=mask_fn, seed=0)
+    updates, _ = jax.jit(
+      lambda p, s: tx.update(None, s, p, value_fn=lambda q: loss({"w": q["w"], "v": q["v"]}))
+    )(params, tx.init(params))
+    self.assertEqual(int(updates["step"]), 0)
+
+  def test_bool_leaf_must_be_masked(self):
+    params = {"w": jnp.ones(3), "flag": jnp.array(True)}
+    tx = zojax.zo_grad()
+    with pytest.raises(TypeError, match="bool"):
+      tx.update(None, tx.init(params), params, value_fn=lambda p: jnp.sum(p["w"]))
+
+  def test_inside_optax_masked_is_rejected(self):
+    params, loss = quadratic_problem()
+    tx = optax.masked(zojax.zo_grad(), {"w": True, "v": False})
+    with pytest.raises(TypeError, match="MaskedNode"):
+      tx.update(params, tx.init(params), params, value_fn=loss)
+
+  def test_mask_structure_mismatch(self):
+    params, loss = quadratic_problem()
+    tx = zojax.zo_grad(mask={"w": True})
+    with pytest.raises(ValueError, match="same pytree structure"):
+      tx.update(None, tx.init(params), params, value_fn=loss)
+
+
+class CompositionTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_followed_by_sgd_is_minus_lr_times_estimate(self):
+    params, loss = mlp_problem()
+    raw = zojax.zo_grad(seed=11)
+    est = self.variant(lambda p, s: raw.update(None, s, p, value_fn=loss)[0])(
+      params, raw.init(params)
+    )
+    tx = optax.chain(zojax.zo_grad(seed=11), optax.sgd(0.25))
+    upd = self.variant(lambda p, s: tx.update(None, s, p, value_fn=loss)[0])(
+      params, tx.init(params)
+    )
+    chex.assert_trees_all_close(upd, jax.tree.map(lambda g: -0.25 * g, est), rtol=1e-6)
+
+  @parameterized.named_parameters(
+    ("momentum", lambda: optax.chain(zojax.zo_grad(), optax.trace(0.9), optax.scale(-0.01))),
+    ("adam", lambda: optax.chain(zojax.zo_grad(), optax.adam(1e-2))),
+    (
+      "schedule",
+      lambda: optax.chain(
+        zojax.zo_grad(), optax.scale_by_learning_rate(optax.cosine_decay_schedule(0.05, 50))
+      ),
+    ),
+    (
+      "masked_after",
+      lambda: optax.chain(
+        zojax.zo_grad(),
+        optax.masked(
+          optax.scale(0.0),
+          {"l1": {"kernel": False, "bias": True}, "l2": {"kernel": False, "bias": True}},
+        ),
+        optax.sgd(0.05),
+      ),
+    ),
+    ("mezo_momentum", lambda: optax.chain(zojax.zo_grad(), optax.sgd(0.01, momentum=0.9))),
+  )
+  def test_chains_lower_the_loss(self, make):
+    params, loss = mlp_problem()
+    tx = make()
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+      u, s = tx.update(None, s, p, value_fn=loss)
+      return optax.apply_updates(p, u), s
+
+    start = loss(params)
+    for _ in range(150):
+      params, state = step(params, state)
+    self.assertLess(float(loss(params)), 0.9 * float(start))
+    self.assertEqual(int(state[0].count), 150)
+
+
+class ErrorTest(parameterized.TestCase):
+  @parameterized.parameters(0, -1, 1.5, True)
+  def test_bad_num_queries(self, n):
+    with pytest.raises(ValueError, match="num_queries"):
+      zojax.zo_grad(num_queries=n)
+
+  @parameterized.parameters(0.0, -1e-3)
+  def test_bad_eps(self, eps):
+    with pytest.raises(ValueError, match="eps"):
+      zojax.zo_grad(eps=eps)
+
+  def test_unknown_names(self):
+    with pytest.raises(ValueError, match="gaussian"):
+      zojax.zo_grad(distribution="uniform")
+    with pytest.raises(ValueError, match="two_sided"):
+      zojax.zo_grad(estimator="central")
+
+  def test_missing_value_fn(self):
+    params, _ = quadratic_problem()
+    tx = optax.chain(zojax.zo_grad(), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="needs the loss"):
+      tx.update(None, tx.init(params), params)
+
+  def test_non_scalar_loss(self):
+    params, _ = quadratic_problem()
+    tx = zojax.zo_grad()
+    with pytest.raises(ValueError, match="scalar"):
+      jax.jit(lambda p, s: tx.update(None, s, p, value_fn=lambda q: q["v"] ** 2))(
+        params, tx.init(params)
+      )
+
+  def test_integer_loss(self):
+    params, _ = quadratic_problem()
+    tx = zojax.zo_grad()
+    with pytest.raises(TypeError, match="floating"):
+      tx.update(None, tx.init(params), params, value_fn=lambda q: jnp.int32(1))
+
+  def test_missing_params(self):
+    params, loss = quadratic_problem()
+    tx = zojax.zo_grad()
+    with pytest.raises(ValueError, match="needs params"):
+      tx.update(None, tx.init(params), None, value_fn=loss)
+
+  def test_both_loss_forms(self):
+    params, loss = quadratic_problem()
+    tx = zojax.zo_grad(lambda p, b: loss(p))
+    with pytest.raises(ValueError, match="batch="):
+      tx.update(None, tx.init(params), params, value_fn=loss)
+
+  def test_bad_seed(self):
+    with pytest.raises(TypeError, match="seed"):
+      zojax.zo_grad(seed=1.5)

@@ -1,0 +1,73 @@
+"""Tests for zojax.presets."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import zojax
+
+
+def regression_problem():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+  w_true = jnp.asarray(rng.normal(size=(8, 1)), jnp.float32)
+  y = x @ w_true + 0.5
+  params = {"kernel": jnp.zeros((8, 1)), "bias": jnp.zeros(1)}
+
+  def loss(p, batch=(x, y)):
+    bx, by = batch
+    return jnp.mean((bx @ p["kernel"] + p["bias"] - by) ** 2)
+
+  return params, loss, (x, y)
+
+
+def test_mezo_lowers_regression_loss():
+  params, loss, _ = regression_problem()
+  tx = zojax.mezo(learning_rate=0.02, seed=0)
+
+  @jax.jit
+  def run(p, s):
+    def body(carry, _):
+      p, s = carry
+      u, s = tx.update(None, s, p, value_fn=loss)
+      return (optax.apply_updates(p, u), s), None
+
+    return jax.lax.scan(body, (p, s), None, length=400)[0]
+
+  start = float(loss(params))
+  params, state = run(params, tx.init(params))
+  assert float(loss(params)) < 0.05 * start
+  assert int(state[0].count) == 400
+
+
+def test_mezo_weight_decay_skips_vectors():
+  # With a constant loss every c_i is 0, so the update is -lr * wd * theta on
+  # leaves with ndim >= 2 and exactly zero on vectors.
+  params = {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full(2, 2.0)}
+  tx = zojax.mezo(learning_rate=0.1, weight_decay=0.5)
+  updates, _ = tx.update(None, tx.init(params), params, value_fn=lambda p: jnp.float32(1.0))
+  np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * 2.0 * np.ones((3, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(updates["bias"], np.zeros(2))
+
+
+def test_mezo_is_sgd_on_the_estimate_with_schedule():
+  params, loss, batch = regression_problem()
+  schedule = optax.linear_schedule(0.1, 0.0, 10)
+  tx = zojax.mezo(learning_rate=schedule, loss_fn=loss, seed=3)
+  ref = zojax.zo_grad(loss, seed=3)
+  state, ref_state = tx.init(params), ref.init(params)
+  for t in range(3):
+    updates, state = tx.update(None, state, params, batch=batch)
+    est, ref_state = ref.update(None, ref_state, params, batch=batch)
+    chex.assert_trees_all_close(
+      updates, jax.tree.map(lambda g, t=t: -schedule(t) * g, est), rtol=1e-6, atol=1e-9
+    )
+
+
+def test_matrix_mask():
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "conv": jnp.ones((3, 3, 1, 2))}
+  assert zojax.matrix_mask()(params) == {"kernel": True, "bias": False, "conv": True}
+  inner = {"kernel": False, "bias": True, "conv": True}
+  assert zojax.matrix_mask(inner)(params) == {"kernel": False, "bias": False, "conv": True}
