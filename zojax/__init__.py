@@ -3,10 +3,12 @@
 Fine-tune a network from forward passes alone, with the memory of inference.
 """
 
-from zojax import keys, perturbations
+from zojax import keys, orthogonalizers, perturbations, subspaces
 from zojax.estimators import ESTIMATORS, ZOGradState, forwards_per_step, zo_grad
+from zojax.orthogonalizers import PowerIterationState, orthogonalize
 from zojax.perturbations import DISTRIBUTIONS, sample_direction
 from zojax.presets import matrix_mask, mezo
+from zojax.subspaces import SubspaceState, subspace
 
 __version__ = "0.1.0"
 
@@ -18,7 +20,13 @@ __all__ = [
   "keys",
   "matrix_mask",
   "mezo",
+  "orthogonalizers",
   "perturbations",
+  "subspaces",
   "sample_direction",
+  "SubspaceState",
+  "PowerIterationState",
+  "orthogonalize",
+  "subspace",
   "zo_grad",
 ]

@@ -204,6 +204,12 @@ def zo_grad(
   The incoming ``updates`` are ignored (``None`` is accepted): the estimate
   replaces them. ``params`` is required.
 
+  A combinator that hands this estimator other coordinates than the model's
+  parameters (`zojax.subspace`) passes ``param_map=``, a function from those
+  coordinates to the parameters the loss takes; the loss is then evaluated
+  at ``param_map(params + eps z)``. This works with both ways of giving the
+  loss, so a subspace wraps a loss-bound estimator as well.
+
   Randomness: the state holds a `jax.random` key; step ``t`` and query ``i``
   draw from ``fold_in(fold_in(key, t), i)``, split per leaf, so the same key
   and inputs give bit-identical updates. Directions are regenerated from
@@ -273,11 +279,15 @@ def zo_grad(
       num_nonfinite=jnp.zeros([], jnp.int32),
     )
 
-  def update_fn(updates, state, params=None, *, value_fn=None, batch=_MISSING, **extra_args):
+  def update_fn(
+    updates, state, params=None, *, value_fn=None, batch=_MISSING, param_map=None, **extra_args
+  ):
     del updates, extra_args
     if params is None:
       raise ValueError("zo_grad needs params: call update(updates, state, params, ...).")
     fn = _resolve_value_fn(loss_fn, value_fn, batch)
+    if param_map is not None:
+      fn = lambda p, fn=fn: fn(param_map(p))
     perturbations.perturbable_leaves(params, mask)
     _check_value_fn(fn, params)
     key_t = keys_lib.step_key(state.key, state.count)

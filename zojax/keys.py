@@ -16,13 +16,15 @@ stream as an uninterrupted one.
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 KeyLike = int | jax.Array
 
-__all__ = ["as_key", "step_key", "query_key", "leaf_keys", "KeyLike"]
+__all__ = ["as_key", "stream_key", "step_key", "query_key", "leaf_keys", "KeyLike"]
 
 
 def as_key(seed: KeyLike) -> jax.Array:
@@ -55,6 +57,15 @@ def as_key(seed: KeyLike) -> jax.Array:
   if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
     return jax.random.key(int(seed))
   raise TypeError(f"seed must be an integer or a jax.random key, got {seed!r}.")
+
+
+def stream_key(key: jax.Array, name: str) -> jax.Array:
+  """An independent stream of ``key`` for one component, e.g. ``"subspace"``.
+
+  Pieces that share a user's seed (an estimator and the subspace basis it
+  runs in) fold in their own name first, so their draws never coincide.
+  """
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def step_key(key: jax.Array, count: jax.Array) -> jax.Array:

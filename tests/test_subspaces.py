@@ -1,0 +1,267 @@
+"""Tests for zojax.subspaces: covariances, scalings, refresh consistency, re-projection."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from optax.contrib import MuonDimensionNumbers
+
+import zojax
+from tests import stats
+
+FAN_IN, FAN_OUT = 5, 4
+RNG = np.random.default_rng(0)
+G = jnp.asarray(RNG.normal(size=(FAN_IN, FAN_OUT)), jnp.float32)
+X0 = jnp.asarray(RNG.normal(size=(FAN_IN, FAN_OUT)), jnp.float32)
+PARAMS = {"w": X0}
+
+
+def linear_loss(p):
+  return jnp.sum(G * p["w"])
+
+
+def estimates(tx, loss, num=4000, subspace_count=None):
+  """Lifted estimates for inner steps 0..num-1 (and subspace steps, if given)."""
+  state = tx.init(PARAMS)
+
+  def one(i):
+    s = state._replace(inner_state=state.inner_state._replace(count=i))
+    if subspace_count is not None:
+      s = s._replace(count=subspace_count(i))
+    return tx.update(None, s, PARAMS, value_fn=loss)[0]["w"].reshape(-1)
+
+  return jax.jit(jax.vmap(one))(jnp.arange(num, dtype=jnp.int32))
+
+
+def test_lifted_perturbation_covariance_is_the_projector():
+  # With a fixed Haar basis P (out x r), the lifted direction is U P^T, whose
+  # covariance is I_in (x) P P^T; for a linear loss the mean estimate is
+  # therefore G P P^T.
+  tx = zojax.subspace(zojax.zo_grad(seed=1), rank=2, refresh_every=None, seed=2)
+  p = tx.init(PARAMS).bases[0]
+  chex.assert_shape(p, (FAN_OUT, 2))
+  np.testing.assert_allclose(p.T @ p, np.eye(2), atol=1e-5)
+  samples = estimates(tx, linear_loss)
+  stats.assert_mean_matches(samples, (G @ p @ p.T).reshape(-1), what="subspace mean")
+
+
+def test_lifted_direction_second_moment():
+  # Direct covariance check: for a one-hot linear loss e_j, c = <e_j, D> and the
+  # estimate is D_j * D, whose mean is column j of Cov(vec D) = I (x) P P^T.
+  tx = zojax.subspace(zojax.zo_grad(seed=4), rank=3, refresh_every=None, seed=5)
+  p = np.asarray(tx.init(PARAMS).bases[0])
+  cov = np.kron(np.eye(FAN_IN), p @ p.T)
+  for j in (0, 7, 13):
+    e = np.zeros(FAN_IN * FAN_OUT, np.float32)
+    e[j] = 1.0
+    e_mat = jnp.asarray(e.reshape(FAN_IN, FAN_OUT))
+    samples = estimates(tx, lambda q, e_mat=e_mat: jnp.sum(e_mat * q["w"]))
+    stats.assert_mean_matches(samples, cov[:, j], what=f"covariance column {j}")
+
+
+def test_lozo_one_over_r_is_unbiased_over_v():
+  # LOZO: Delta = V U^T (flax layout), V Gaussian redrawn every step here so
+  # the expectation runs over V too; E[c Delta] = r G, and the 1/r factor
+  # makes it G.
+  rank = 2
+  tx = zojax.subspace(
+    zojax.zo_grad(seed=1), rank=rank, refresh_every=1, side="in", basis="gaussian", seed=3
+  )
+  samples = estimates(tx, linear_loss, num=8000, subspace_count=lambda i: i + 1) / rank
+  stats.assert_mean_matches(samples, G.reshape(-1), what="LOZO 1/r")
+
+
+def test_subzero_scaling():
+  # SubZero: Delta = s U Z V^T with s = sqrt(mn)/r gives E||Delta||_F^2 = mn and
+  # an unbiased estimate over the Haar U, V.
+  rank = 2
+  tx = zojax.subspace(
+    zojax.zo_grad(seed=1, estimator="one_sided", eps=1.0),
+    rank=rank,
+    refresh_every=1,
+    side="both",
+    scale="sqrt_mn_over_r",
+    seed=3,
+  )
+  state = tx.init(PARAMS)
+  sq_dist = lambda q: jnp.sum((q["w"] - X0) ** 2)  # f(X0 + eps D) - f(X0) = ||D||^2 at eps=1
+
+  def norms(i):
+    s = state._replace(count=i + 1, inner_state=state.inner_state._replace(count=i))
+    return tx.update(None, s, PARAMS, value_fn=sq_dist)[1].inner_state.projected_grads[0]
+
+  sq = np.asarray(jax.jit(jax.vmap(norms))(jnp.arange(4000)))
+  mn = FAN_IN * FAN_OUT
+  stats.assert_mean_matches(sq[:, None], [mn], tight=0.25, what="E||Delta||^2")
+  tx2 = zojax.subspace(
+    zojax.zo_grad(seed=1),
+    rank=rank,
+    refresh_every=1,
+    side="both",
+    scale="sqrt_mn_over_r",
+    seed=3,
+  )
+  samples = estimates(tx2, linear_loss, num=8000, subspace_count=lambda i: i + 1)
+  stats.assert_mean_matches(samples, G.reshape(-1), what="SubZero mean")
+
+
+def test_refresh_step_uses_the_perturbation_draws():
+  # At a refresh step the basis is redrawn before the queries: the update must
+  # be sum_i c_i lift(U_i) / N with the NEW basis, where c_i are the recorded
+  # scalars, and (linear loss) c_i = <G, lift(U_i)> with that same basis.
+  num = 3
+  tx = zojax.subspace(
+    zojax.zo_grad(num_queries=num, estimator="one_sided", seed=7),
+    rank=2,
+    refresh_every=4,
+    seed=8,
+  )
+  state = tx.init(PARAMS)
+  state = state._replace(count=jnp.int32(4), inner_state=state.inner_state._replace(count=4))
+  updates, new_state = jax.jit(lambda s: tx.update(None, s, PARAMS, value_fn=linear_loss))(state)
+  p_new = new_state.bases[0]
+  assert not np.allclose(p_new, state.bases[0])
+  inner = new_state.inner_state
+  key_t = zojax.keys.step_key(inner.key, 4)
+  coords = {"w": jnp.zeros((FAN_IN, 2))}
+  lifted = [
+    zojax.sample_direction(zojax.keys.query_key(key_t, i), coords)["w"] @ p_new.T
+    for i in range(num)
+  ]
+  c = inner.projected_grads
+  np.testing.assert_allclose(c, [jnp.sum(G * d) for d in lifted], rtol=2e-3, atol=2e-3)
+  expected = sum(ci * d for ci, d in zip(c, lifted)) / num
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side,basis", [("out", "haar"), ("in", "gaussian"), ("in", "haar")])
+def test_reprojection_is_exact_for_full_rank_bases(side, basis):
+  # With a full-rank basis the least-squares re-projection must reproduce the
+  # lifted momentum exactly across a refresh.
+  rank = 5
+  inner = optax.chain(zojax.zo_grad(seed=0), optax.trace(0.9))
+  tx = zojax.subspace(inner, rank=rank, refresh_every=2, side=side, basis=basis, seed=1)
+  state = tx.init(PARAMS)
+  step = jax.jit(lambda s: tx.update(None, s, PARAMS, value_fn=linear_loss)[1])
+  state = step(state)  # count 0 -> 1, momentum nonzero
+  state = step(state)  # count 1 -> 2
+  geo = zojax.subspaces._Geometry(PARAMS, rank, side, None, None)
+  spec = geo.specs[0]
+  before = geo.lift(spec, state.bases[0], state.inner_state[1].trace["w"])
+  refreshed = jax.jit(
+    lambda s: tx.update(None, s, PARAMS, value_fn=lambda p: 0.0 * linear_loss(p))
+  )(state)[1]
+  after = geo.lift(spec, refreshed.bases[0], refreshed.inner_state[1].trace["w"] / 0.9)
+  assert not np.allclose(
+    np.asarray(jax.tree.leaves(refreshed.bases[0])[0]),
+    np.asarray(jax.tree.leaves(state.bases[0])[0]),
+  )
+  np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_momentum_anchored_basis_keeps_momentum_directions():
+  inner = optax.chain(zojax.zo_grad(num_queries=2, seed=0), optax.ema(0.5))
+  params = {"w": jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)}
+  g = jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)
+  tx = zojax.subspace(inner, rank=4, refresh_every=3, basis="momentum", anchor_rank=2, seed=1)
+  state = tx.init(params)
+  step = jax.jit(lambda s: tx.update(None, s, params, value_fn=lambda q: jnp.sum(g * q["w"]))[1])
+  for _ in range(3):
+    state = step(state)
+  p_old, m = state.bases[0], state.inner_state[1].ema["w"]
+  new = step(state)
+  p_new = new.bases[0]
+  np.testing.assert_allclose(p_new.T @ p_new, np.eye(4), atol=1e-5)
+  _, _, vt = np.linalg.svd(np.asarray(m), full_matrices=False)
+  anchor = p_old @ vt[:2].T
+  residual = anchor - p_new @ (p_new.T @ anchor)
+  np.testing.assert_allclose(residual, np.zeros_like(residual), atol=1e-5)
+
+
+def test_rank_is_clamped_and_vectors_pass_through():
+  params = {"w": jnp.ones((8, 3)), "b": jnp.ones(3), "conv": jnp.ones((3, 3, 2, 4))}
+  tx = zojax.subspace(zojax.zo_grad(), rank=64, refresh_every=10)
+  state = tx.init(params)
+  assert state.bases[0] == ()  # "b" (leaves sorted: b, conv, w)
+  chex.assert_shape(state.bases[1], (4, 4))
+  chex.assert_shape(state.bases[2], (3, 3))
+  loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2) + jnp.sum(p["conv"] ** 2)
+  updates, _ = jax.jit(lambda s: tx.update(None, s, params, value_fn=loss))(state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+  # Full rank on every matrix: the estimate is unrestricted, so it is nonzero everywhere.
+  assert float(jnp.abs(updates["b"]).sum()) > 0
+
+
+def test_loss_bound_inner_equals_value_fn_form():
+  batch = jnp.float32(2.0)
+  bound = zojax.subspace(zojax.zo_grad(lambda p, b: b * linear_loss(p), seed=3), rank=2, seed=4)
+  free = zojax.subspace(zojax.zo_grad(seed=3), rank=2, seed=4)
+  a = bound.update(None, bound.init(PARAMS), PARAMS, batch=batch)[0]
+  b = free.update(None, free.init(PARAMS), PARAMS, value_fn=lambda p: batch * linear_loss(p))[0]
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_first_order_updates_are_projected():
+  # Incoming gradients are projected with the adjoint of the lift: with
+  # identity inner, the output is G P P^T.
+  tx = zojax.subspace(optax.identity(), rank=2, refresh_every=None)
+  state = tx.init(PARAMS)
+  out, _ = tx.update({"w": G}, state, PARAMS)
+  p = state.bases[0]
+  np.testing.assert_allclose(out["w"], G @ p @ p.T, rtol=1e-5, atol=1e-6)
+
+
+def test_lowers_loss_and_is_deterministic():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  params = {"kernel": jnp.zeros((8, 6)), "bias": jnp.zeros(6)}
+  loss = lambda p: jnp.mean((x @ p["kernel"] + p["bias"] - y) ** 2)
+  tx = optax.chain(
+    zojax.subspace(zojax.zo_grad(num_queries=4, estimator="one_sided"), rank=3, refresh_every=5),
+    optax.sgd(0.05),
+  )
+
+  @jax.jit
+  def run(p, s):
+    def body(carry, _):
+      p, s = carry
+      u, s = tx.update(None, s, p, value_fn=loss)
+      return (optax.apply_updates(p, u), s), None
+
+    return jax.lax.scan(body, (p, s), None, length=200)[0]
+
+  p1, _ = run(params, tx.init(params))
+  p2, _ = run(params, tx.init(params))
+  chex.assert_trees_all_equal(p1, p2)
+  assert float(loss(p1)) < 0.85 * float(loss(params))
+
+
+def test_errors():
+  inner = zojax.zo_grad()
+  with pytest.raises(ValueError, match="rank"):
+    zojax.subspace(inner, rank=0)
+  with pytest.raises(ValueError, match="refresh_every"):
+    zojax.subspace(inner, rank=2, refresh_every=0)
+  with pytest.raises(ValueError, match="'out'"):
+    zojax.subspace(inner, rank=2, side="left")
+  with pytest.raises(ValueError, match="haar"):
+    zojax.subspace(inner, rank=2, basis="sobol")
+  with pytest.raises(ValueError, match="anchor_rank"):
+    zojax.subspace(inner, rank=2, basis="momentum")
+  with pytest.raises(ValueError, match="side"):
+    zojax.subspace(inner, rank=2, basis="momentum", anchor_rank=1, side="in")
+  with pytest.raises(ValueError, match="anchor_rank"):
+    zojax.subspace(inner, rank=2, anchor_rank=1)
+  with pytest.raises(ValueError, match="scale"):
+    zojax.subspace(inner, rank=2, scale="huge")
+  batched = {"w": jnp.ones((2, 3, 4))}
+  with pytest.raises(ValueError, match="batch axes"):
+    zojax.subspace(
+      inner, rank=2, dimension_numbers=MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+    ).init(batched)
+  with pytest.raises(ValueError, match="momentum"):
+    tx = zojax.subspace(inner, rank=2, refresh_every=1, basis="momentum", anchor_rank=1)
+    tx.update(None, tx.init(PARAMS), PARAMS, value_fn=linear_loss)

@@ -1,0 +1,469 @@
+"""Run a transform on low-dimensional coordinates of each weight matrix.
+
+`subspace` is a combinator in the spirit of `optax.masked`: it hands its
+``inner`` transform (any chain holding a ZO estimator, an orthogonalizer,
+momentum, ...) the coordinates of each matrix leaf in a rank-``r`` basis,
+makes the loss see those coordinates as low-rank weight perturbations, and
+lifts the inner updates back to full weights. It covers the subspace
+families of zeroth-order fine-tuning:
+
+* ``side="out"``, ``basis="haar"``: ZO-Muon's random projection
+  (arXiv 2602.17155), ``W = W0 + P C`` with ``P`` (out x r) Haar-orthonormal,
+  redrawn every ``refresh_every`` steps.
+* ``basis="momentum"``: ZO-MOPI's momentum-anchored refresh
+  (arXiv 2605.09034): the new basis keeps the top singular directions of the
+  inner momentum.
+* ``side="in"``, ``basis="gaussian"``: LOZO's lazy factor (arXiv 2410.07698),
+  ``W = W0 + U V^T`` with the Gaussian ``V`` (in x r) kept for
+  ``refresh_every`` steps and the coordinates ``U`` fresh every step.
+* ``side="both"``: SubZero (arXiv 2410.08989), ``W = W0 + s U Z V^T`` with
+  orthonormal ``U``, ``V`` and ``s = sqrt(m n) / r``.
+
+Layout. A leaf is viewed as a matrix ``X`` of shape (fan_in, fan_out) by its
+dimension numbers (`optax.contrib.MuonDimensionNumbers`: reduction axes =
+fan_in, output axes = fan_out). The default rule: 2-D leaves are flax
+``(in, out)`` kernels; leaves with more axes (conv ``HWIO`` kernels,
+attention ``(in, heads, head_dim)`` kernels with explicit numbers) reduce
+over all axes but the last; leaves with fewer than two axes are not
+matrices and are handed to ``inner`` as they are (full space). The papers
+write PyTorch ``(out, in)`` weights ``W = X^T``; ZO-Muon's ``P`` on the
+output axis of ``W`` becomes, in flax layout, ``X = X0 + C P^T`` with
+coordinates ``C`` of shape (in, r) (ALGORITHMS.md 10.1). Because ``P`` has
+orthonormal columns, orthogonalizing ``C`` and lifting equals
+orthogonalizing the lifted update, at ``O(r^2 n)`` cost.
+
+Rank: a rank larger than the dimension the basis spans is clamped to that
+dimension (the ZO-Muon ViT code does the same), so ``rank=64`` works on a
+model with 32-wide layers.
+
+Refresh and inner state. The basis is drawn at ``init`` (step 0) and redrawn
+at the start of every step ``t > 0`` with ``t % refresh_every == 0``, from
+``fold_in(basis_key, t)``. The refresh happens before the step's queries, so
+the perturbations, the estimate and the update of a refresh step all use the
+same basis by construction (the released ZO-Muon, ZO-MOPI and LOZO code mix
+old and new draws on refresh steps, ALGORITHMS.md 3.5, 4.5, 6.4). Every
+parameter-shaped buffer of the inner state (momentum, EMA, Adam moments) is
+carried across a refresh by re-projection: its lifted value ``L(C)`` is
+projected onto the new basis by least squares,
+``C_new = argmin ||L_new(C') - L_old(C)||_F``, which is
+``C P_old^T P_new`` for orthonormal bases (ZO-MOPI's re-projection without
+the stray ``1/m`` of the released code) and the exact form of LOZO-M's
+``N V_old^T V_new / n`` for Gaussian ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+from zojax import keys as keys_lib
+from zojax import orthogonalizers as orth
+
+SIDES = ("out", "in", "both")
+BASES = ("haar", "gaussian", "momentum")
+
+__all__ = [
+  "BASES",
+  "SIDES",
+  "SubspaceState",
+  "subspace",
+]
+
+
+class SubspaceState(NamedTuple):
+  """State of `subspace`.
+
+  Attributes:
+    count: steps taken (int32).
+    key: the basis key (a stream of the seed, see `zojax.keys.stream_key`).
+    bases: per leaf, the basis (``side`` "out"/"in": one array; "both": a
+      pair ``(in_basis, out_basis)``), or an empty tuple for leaves handled
+      in full space.
+    inner_state: the state of ``inner``, on coordinates.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  bases: Any
+  inner_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafSpec:
+  """How one leaf maps to a matrix and its coordinates (static)."""
+
+  shape: tuple[int, ...]
+  dtype: Any
+  dim_nums: MuonDimensionNumbers
+  fan_in: int
+  fan_out: int
+  rank: int  # effective (clamped) rank
+
+  def to_matrix(self, x):
+    return orth.matrix_view(x, self.dim_nums)[0][0]
+
+  def from_matrix(self, m):
+    # Only the inverse map is used; the placeholder is dead code under jit.
+    placeholder = jnp.zeros(self.shape, m.dtype)
+    return orth.matrix_view(placeholder, self.dim_nums)[1](m[None])
+
+
+def _leaf_spec(path, leaf, dim_nums, rank: int, side: str) -> _LeafSpec | None:
+  if dim_nums is None:
+    return None
+  name = jax.tree_util.keystr(path) or "<root>"
+  view = jax.eval_shape(lambda x: orth.matrix_view(x, dim_nums)[0], leaf)
+  batch, fan_in, fan_out = view.shape
+  if batch != 1:
+    raise ValueError(
+      f"Dimension numbers {dim_nums} of leaf {name} (shape {jnp.shape(leaf)}) leave batch "
+      "axes; batch axes are not supported by subspace: give every axis to reduction_axis "
+      "or output_axis."
+    )
+  limit = {"out": fan_out, "in": fan_in, "both": min(fan_in, fan_out)}[side]
+  return _LeafSpec(
+    tuple(jnp.shape(leaf)), jnp.result_type(leaf), dim_nums, fan_in, fan_out, min(rank, limit)
+  )
+
+
+class _Geometry:
+  """Static per-leaf specs plus the basis algebra for one ``side``."""
+
+  def __init__(self, params, rank, side, dimension_numbers, scale):
+    paths_leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+    dnums = self.treedef.flatten_up_to(orth.resolve_dimension_numbers(dimension_numbers, params))
+    self.side = side
+    self.scale_mode = scale
+    self.specs = [
+      _leaf_spec(path, leaf, dn, rank, side) for (path, leaf), dn in zip(paths_leaves, dnums)
+    ]
+
+  # Coordinates ---------------------------------------------------------------
+
+  def coord_shape(self, spec: _LeafSpec) -> tuple[int, int]:
+    r = spec.rank
+    return {"out": (spec.fan_in, r), "in": (r, spec.fan_out), "both": (r, r)}[self.side]
+
+  def factor(self, spec: _LeafSpec) -> float:
+    if self.scale_mode == "sqrt_mn_over_r":
+      return math.sqrt(spec.fan_in * spec.fan_out) / spec.rank
+    return 1.0
+
+  def lift(self, spec, basis, c):
+    """Coordinates -> (fan_in, fan_out) matrix, in float32."""
+    c = c.astype(jnp.float32)
+    if self.side == "out":
+      m = c @ basis.T
+    elif self.side == "in":
+      m = basis @ c
+    else:
+      b_in, b_out = basis
+      m = b_in @ c @ b_out.T
+    return self.factor(spec) * m
+
+  def project(self, spec, basis, m):
+    """Adjoint of `lift`: (fan_in, fan_out) matrix -> coordinates."""
+    m = m.astype(jnp.float32)
+    if self.side == "out":
+      c = m @ basis
+    elif self.side == "in":
+      c = basis.T @ m
+    else:
+      b_in, b_out = basis
+      c = b_in.T @ m @ b_out
+    return self.factor(spec) * c
+
+  def reproject(self, spec, old, new, c, orthonormal: bool):
+    """Least-squares coordinates in ``new`` of the matrix ``c`` lifts to in ``old``."""
+    c32 = c.astype(jnp.float32)
+
+    def change(b_old, b_new):  # (r x r): solves (B_new^T B_new) T = B_new^T B_old
+      cross = b_new.T @ b_old
+      if orthonormal:
+        return cross
+      return jnp.linalg.solve(b_new.T @ b_new, cross)
+
+    if self.side == "out":
+      out = c32 @ change(old, new).T
+    elif self.side == "in":
+      out = change(old, new) @ c32
+    else:
+      out = change(old[0], new[0]) @ c32 @ change(old[1], new[1]).T
+    return out.astype(c.dtype)
+
+
+def _draw_basis(geometry: _Geometry, spec: _LeafSpec, key, kind: str):
+  def one(k, dim):
+    if kind == "gaussian":
+      return jax.random.normal(k, (dim, spec.rank), jnp.float32)
+    return orth.random_orthonormal(k, dim, spec.rank)
+
+  if geometry.side == "out":
+    return one(key, spec.fan_out)
+  if geometry.side == "in":
+    return one(key, spec.fan_in)
+  k_in, k_out = jax.random.split(key)
+  return (one(k_in, spec.fan_in), one(k_out, spec.fan_out))
+
+
+def _map_param_shaped(state, template, fn):
+  """Applies ``fn(index, leaf)`` to every subtree of ``state`` shaped like ``template``.
+
+  A subtree is parameter-shaped when it has the pytree structure of the
+  coordinates and the same leaf shapes (optax's momentum, EMA and Adam
+  moments are). Other leaves (keys, counters, power-iteration bases) are
+  returned unchanged.
+  """
+  t_def = jax.tree.structure(template)
+  t_shapes = [jnp.shape(x) for x in jax.tree.leaves(template)]
+
+  def matches(x):
+    try:
+      if jax.tree.structure(x) != t_def:
+        return False
+    except Exception:  # noqa: BLE001 - exotic nodes are simply not matches
+      return False
+    return [jnp.shape(y) for y in jax.tree.leaves(x)] == t_shapes
+
+  def visit(x):
+    if not matches(x):
+      return x
+    leaves = jax.tree.leaves(x)
+    return jax.tree.unflatten(t_def, [fn(i, leaf) for i, leaf in enumerate(leaves)])
+
+  return jax.tree.map(visit, state, is_leaf=matches)
+
+
+def _first_param_shaped(state, template):
+  found = []
+  _map_param_shaped(state, template, lambda i, x: found.append((i, x)) or x)
+  if not found:
+    return None
+  num = len(jax.tree.leaves(template))
+  return [x for _, x in found[:num]]
+
+
+def subspace(
+  inner: optax.GradientTransformation,
+  rank: int,
+  refresh_every: int | None = 100,
+  *,
+  side: str = "out",
+  basis: str = "haar",
+  anchor_rank: int | None = None,
+  scale: str | None = None,
+  dimension_numbers=None,
+  seed: keys_lib.KeyLike = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` on rank-``r`` coordinates of every matrix leaf.
+
+  For a matrix leaf ``X`` (flax layout, fan_in x fan_out) with basis ``B``,
+  ``inner`` sees coordinates ``C`` (zeros: the current weights are the
+  origin) and the loss sees ``X + lift(C)``:
+
+  * ``side="out"``: ``lift(C) = C B^T``, ``B``: fan_out x r, ``C``: fan_in x r.
+  * ``side="in"``: ``lift(C) = B C``, ``B``: fan_in x r, ``C``: r x fan_out.
+  * ``side="both"``: ``lift(C) = s B_in C B_out^T``, ``C``: r x r.
+
+  ``s`` is 1, or ``sqrt(fan_in fan_out) / r`` with ``scale="sqrt_mn_over_r"``
+  (SubZero, so that ``E||lift(Z)||_F^2 = m n`` for Gaussian ``Z``). The
+  inner updates ``U`` are lifted the same way, ``X <- X + lift(U)`` after
+  the outer chain's learning rate. Leaves that are not matrices are passed
+  to ``inner`` unchanged, so one estimator perturbs the whole model in one
+  forward pass per query. Incoming ``updates`` (if not None, e.g. first-order
+  gradients) are projected with the adjoint of ``lift``.
+
+  The loss reaches ``inner`` unchanged (``value_fn=`` or ``batch=``) plus a
+  ``param_map=`` extra argument mapping coordinates to parameters, which
+  `zojax.zo_grad` evaluates the loss through.
+
+  Bases (``basis``): ``"haar"`` (orthonormal, QR of a Gaussian with sign
+  fix), ``"gaussian"`` (iid N(0, 1), LOZO), or ``"momentum"`` (ZO-MOPI,
+  ``side="out"`` only): on refresh, with ``M`` the first parameter-shaped
+  buffer of the inner state (the momentum of `optax.ema`/`optax.trace`),
+  ``B_new = QR([B_old V_k, G])`` where ``V_k`` are the top ``anchor_rank``
+  right singular vectors of the (fan_in x r) coordinates ``M`` and ``G`` is
+  Gaussian; the other columns are fresh.
+
+  See the module docstring for the refresh rule and the re-projection of the
+  inner state.
+
+  Args:
+    inner: the transform on coordinates, e.g.
+      ``optax.chain(zojax.zo_grad(...), zojax.orthogonalize())``.
+    rank: ``r >= 1``, clamped per leaf to the dimension the basis spans.
+    refresh_every: redraw the basis every this many steps (None: never).
+    side: ``"out"``, ``"in"`` or ``"both"``.
+    basis: ``"haar"``, ``"gaussian"`` or ``"momentum"``.
+    anchor_rank: ``k`` for ``basis="momentum"`` (``1 <= k <= rank``).
+    scale: None or ``"sqrt_mn_over_r"``.
+    dimension_numbers: None (default rule), a
+      `optax.contrib.MuonDimensionNumbers` for all leaves with >= 2 axes, or
+      a pytree (or a callable returning one) of them, None marking leaves
+      kept in full space.
+    seed: an integer seed or key; the bases use its ``"subspace"`` stream.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` with state `SubspaceState`.
+
+  Raises:
+    ValueError: at construction for a bad rank, refresh interval, side,
+      basis, anchor rank or scale; at init/trace time for dimension numbers
+      that do not fit a leaf.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, zojax
+    >>> params = {"kernel": jnp.ones((8, 6)), "bias": jnp.zeros(6)}
+    >>> loss = lambda p: jnp.sum((jnp.ones(8) @ p["kernel"] + p["bias"]) ** 2)
+    >>> tx = optax.chain(
+    ...     zojax.subspace(zojax.zo_grad(num_queries=2), rank=2, refresh_every=10),
+    ...     optax.sgd(1e-3))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(None, state, params, value_fn=loss)
+    >>> updates["kernel"].shape
+    (8, 6)
+  """
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+  if refresh_every is not None and (
+    isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
+  ):
+    raise ValueError(f"refresh_every must be an integer >= 1 or None, got {refresh_every!r}.")
+  if side not in SIDES:
+    raise ValueError(f"Unknown side {side!r}; expected one of {SIDES}.")
+  if basis not in BASES:
+    raise ValueError(f"Unknown basis {basis!r}; expected one of {BASES}.")
+  if basis == "momentum":
+    if side != "out":
+      raise ValueError('basis="momentum" (ZO-MOPI) is defined for side="out" only.')
+    if anchor_rank is None or anchor_rank < 1 or anchor_rank > rank:
+      raise ValueError(
+        f'basis="momentum" needs 1 <= anchor_rank <= rank, got anchor_rank={anchor_rank!r}.'
+      )
+  elif anchor_rank is not None:
+    raise ValueError('anchor_rank is only used with basis="momentum".')
+  if scale not in (None, "sqrt_mn_over_r"):
+    raise ValueError(f"Unknown scale {scale!r}; expected None or 'sqrt_mn_over_r'.")
+  inner = optax.with_extra_args_support(inner)
+  basis_key = keys_lib.stream_key(keys_lib.as_key(seed), "subspace")
+  draw_kind = "gaussian" if basis == "gaussian" else "haar"
+  orthonormal = basis != "gaussian"
+
+  def geometry_of(params):
+    return _Geometry(params, rank, side, dimension_numbers, scale)
+
+  def coords_like(geo, params):
+    leaves = geo.treedef.flatten_up_to(params)
+    out = [
+      x if spec is None else jnp.zeros(geo.coord_shape(spec), spec.dtype)
+      for x, spec in zip(leaves, geo.specs)
+    ]
+    return jax.tree.unflatten(geo.treedef, out)
+
+  def draw_bases(geo, key, count):
+    k = keys_lib.step_key(key, count)
+    leaf_keys = jax.random.split(k, len(geo.specs)) if geo.specs else []
+    return [
+      () if spec is None else _draw_basis(geo, spec, leaf_keys[i], draw_kind)
+      for i, spec in enumerate(geo.specs)
+    ]
+
+  def init_fn(params):
+    geo = geometry_of(params)
+    bases = draw_bases(geo, basis_key, jnp.zeros([], jnp.int32))
+    return SubspaceState(
+      count=jnp.zeros([], jnp.int32),
+      key=basis_key,
+      bases=tuple(bases),
+      inner_state=inner.init(coords_like(geo, params)),
+    )
+
+  def refresh(geo, state, template):
+    bases = list(state.bases)
+    new = draw_bases(geo, state.key, state.count)
+    if basis == "momentum":
+      momentum = _first_param_shaped(state.inner_state, template)
+      if momentum is None:
+        raise ValueError(
+          'basis="momentum" needs a parameter-shaped momentum in the inner state '
+          "(e.g. optax.ema or optax.trace inside inner)."
+        )
+      for i, spec in enumerate(geo.specs):
+        if spec is None:
+          continue
+        k = min(anchor_rank, spec.rank, spec.fan_in)
+        _, _, vt = jnp.linalg.svd(momentum[i].astype(jnp.float32), full_matrices=False)
+        anchor = bases[i] @ vt[:k].T  # fan_out x k, spans the momentum's top directions
+        stacked = jnp.concatenate([anchor, new[i][:, k:]], axis=1)
+        new[i] = orth.orthonormalize_columns(stacked)
+
+    def reproject(index, leaf):
+      spec = geo.specs[index]
+      if spec is None:
+        return leaf
+      return geo.reproject(spec, bases[index], new[index], leaf, orthonormal)
+
+    inner_state = _map_param_shaped(state.inner_state, template, reproject)
+    return tuple(new), inner_state
+
+  def update_fn(updates, state, params=None, *, param_map=None, **extra_args):
+    if params is None:
+      raise ValueError("subspace needs params: call update(updates, state, params, ...).")
+    geo = geometry_of(params)
+    template = coords_like(geo, params)
+    bases, inner_state = state.bases, state.inner_state
+    if refresh_every is not None:
+      do_refresh = (state.count > 0) & (state.count % refresh_every == 0)
+      bases, inner_state = jax.lax.cond(
+        do_refresh,
+        lambda: refresh(geo, state, template),
+        lambda: (state.bases, state.inner_state),
+      )
+    p_leaves = geo.treedef.flatten_up_to(params)
+
+    def assemble(coords):
+      c_leaves = geo.treedef.flatten_up_to(coords)
+      out = []
+      for x, c, spec, b in zip(p_leaves, c_leaves, geo.specs, bases):
+        if spec is None:
+          out.append(c)
+        else:
+          delta = spec.from_matrix(geo.lift(spec, b, c))
+          out.append((x.astype(jnp.float32) + delta).astype(spec.dtype))
+      full = jax.tree.unflatten(geo.treedef, out)
+      return full if param_map is None else param_map(full)
+
+    if updates is None:
+      inner_updates = None
+    else:
+      u_leaves = geo.treedef.flatten_up_to(updates)
+      inner_updates = jax.tree.unflatten(
+        geo.treedef,
+        [
+          u if spec is None else geo.project(spec, b, spec.to_matrix(u)).astype(spec.dtype)
+          for u, spec, b in zip(u_leaves, geo.specs, bases)
+        ],
+      )
+    coord_updates, inner_state = inner.update(
+      inner_updates, inner_state, template, param_map=assemble, **extra_args
+    )
+    cu_leaves = geo.treedef.flatten_up_to(coord_updates)
+    lifted = [
+      u if spec is None else spec.from_matrix(geo.lift(spec, b, u)).astype(spec.dtype)
+      for u, spec, b in zip(cu_leaves, geo.specs, bases)
+    ]
+    new_state = SubspaceState(
+      count=optax.safe_increment(state.count),
+      key=state.key,
+      bases=bases,
+      inner_state=inner_state,
+    )
+    return jax.tree.unflatten(geo.treedef, lifted), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
