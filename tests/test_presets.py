@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import zojax
 
@@ -71,3 +72,77 @@ def test_matrix_mask():
   assert zojax.matrix_mask()(params) == {"kernel": True, "bias": False, "conv": True}
   inner = {"kernel": False, "bias": True, "conv": True}
   assert zojax.matrix_mask(inner)(params) == {"kernel": False, "bias": False, "conv": True}
+
+
+def _classification_problem():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 10)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 4, 64))
+  k1, k2 = jax.random.split(jax.random.key(0))
+  params = {
+    "l1": {"kernel": jax.random.normal(k1, (10, 16)) * 0.3, "bias": jnp.zeros(16)},
+    "l2": {"kernel": jax.random.normal(k2, (16, 16)) * 0.25, "bias": jnp.zeros(16)},
+    "out": {"kernel": jnp.zeros((16, 4)), "bias": jnp.zeros(4)},
+  }
+
+  def loss(p):
+    h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+    h = jnp.tanh(h @ p["l2"]["kernel"] + p["l2"]["bias"])
+    logits = h @ p["out"]["kernel"] + p["out"]["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return params, loss
+
+
+FORWARD_BUDGET = 3000
+PRESETS = {
+  "mezo": (lambda: zojax.mezo(0.05), 2),
+  "zo_muon": (
+    lambda: zojax.zo_muon(0.05, rank=8, refresh_every=50, vector_learning_rate=0.05),
+    5,
+  ),
+  "zo_mopi": (
+    lambda: zojax.zo_mopi(
+      0.02, rank=8, k=4, refresh_every=50, num_queries=4, vector_learning_rate=0.02
+    ),
+    5,
+  ),
+  "zo_mopi_random_refresh": (
+    lambda: zojax.zo_mopi(
+      0.02,
+      rank=8,
+      k=4,
+      beta=0.0,
+      refresh_every=1,
+      anchored=False,
+      num_queries=4,
+      vector_learning_rate=0.02,
+    ),
+    5,
+  ),
+  "lozo": (lambda: zojax.lozo(0.05, rank=2), 2),
+  "lozo_m": (lambda: zojax.lozo_m(0.05, rank=2), 2),
+  "subzero": (lambda: zojax.subzero(0.03, rank=8, refresh_every=100), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_jits_is_deterministic_and_lowers_loss(name):
+  make, forwards = PRESETS[name]
+  params, loss = _classification_problem()
+  tx = make()
+  steps = FORWARD_BUDGET // forwards
+
+  @jax.jit
+  def run(p, s):
+    def body(carry, _):
+      p, s = carry
+      u, s = tx.update(None, s, p, value_fn=loss)
+      return (optax.apply_updates(p, u), s), None
+
+    return jax.lax.scan(body, (p, s), None, length=steps)[0][0]
+
+  first = run(params, tx.init(params))
+  chex.assert_trees_all_equal(first, run(params, tx.init(params)))
+  chex.assert_tree_all_finite(first)
+  assert float(loss(first)) < 0.5 * float(loss(params)), name

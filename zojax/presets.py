@@ -10,8 +10,19 @@ import optax
 from zojax import keys as keys_lib
 from zojax import perturbations
 from zojax.estimators import zo_grad
+from zojax.orthogonalizers import orthogonalize
+from zojax.subspaces import subspace
 
-__all__ = ["mezo", "matrix_mask"]
+__all__ = [
+  "lozo",
+  "lozo_m",
+  "matrix_mask",
+  "mezo",
+  "split_learning_rates",
+  "subzero",
+  "zo_mopi",
+  "zo_muon",
+]
 
 
 def matrix_mask(mask: perturbations.Mask = None) -> Callable:
@@ -103,5 +114,368 @@ def mezo(
       seed=seed,
     ),
     optax.add_decayed_weights(weight_decay, mask=matrix_mask(mask)),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def split_learning_rates(
+  matrix_learning_rate: optax.ScalarOrSchedule,
+  vector_learning_rate: optax.ScalarOrSchedule,
+) -> optax.GradientTransformation:
+  """Descent step with one learning rate for leaves with ``ndim >= 2``, another for the rest.
+
+  ZO-Muon and ZO-MOPI step their orthogonalized matrices with the main
+  learning rate and update biases and normalisation gains by plain ZO-SGD at
+  a learning rate of their own (1e-4 in the ViT code, 1e-7 in the LLM code).
+  This is ``optax.multi_transform`` of two `optax.scale_by_learning_rate`.
+  """
+  return optax.multi_transform(
+    {
+      "matrix": optax.scale_by_learning_rate(matrix_learning_rate),
+      "vector": optax.scale_by_learning_rate(vector_learning_rate),
+    },
+    lambda tree: jax.tree.map(lambda x: "matrix" if x.ndim >= 2 else "vector", tree),
+  )
+
+
+def zo_muon(
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  *,
+  rank: int = 64,
+  refresh_every: int | None = 100,
+  num_queries: int = 4,
+  eps: float = 1e-3,
+  estimator: str = "one_sided",
+  orthogonalizer: str = "newton_schulz",
+  vector_learning_rate: optax.ScalarOrSchedule = 1e-4,
+  dimension_numbers=None,
+  mask: perturbations.Mask = None,
+  loss_fn: Callable | None = None,
+  vectorize: bool = False,
+  seed: keys_lib.KeyLike = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""ZO-Muon: subspace zeroth-order gradient, orthogonalized (Lang et al., arXiv 2602.17155).
+
+  For each matrix ``W`` (PyTorch layout m x n) with a Haar-random ``P``
+  (m x r) redrawn every ``refresh_every`` steps, and ``N`` Gaussian
+  ``U_i`` (r x n):
+
+  .. math::
+
+    c_i = \frac{L(\theta + \epsilon P U_i) - L(\theta)}{\epsilon}, \quad
+    \hat G = \frac{1}{N}\sum_i c_i U_i, \quad
+    W \leftarrow W - \eta\, P\, \mathrm{NS}_5(\hat G),
+
+  (flax kernels are handled in their transpose, see `zojax.subspace`).
+  Leaves with fewer than two axes are perturbed in full in the same
+  forward passes and updated by ZO-SGD at ``vector_learning_rate``. No
+  momentum, no shape factor, as released. ``N + 1`` forward passes per step
+  (one-sided); ``estimator="two_sided"`` with ``num_queries=1`` is the
+  paper's two-forward single-query variant.
+
+  Defaults are the released LLM recipe (r = 64, T = 100, N = 4, eta = 1e-2,
+  eps = 1e-3); the ViT recipe uses N = 16 and a 1-D learning rate of 1e-4
+  (the LLM code hard-codes 1e-7). ``orthogonalizer="svd"`` is the
+  ``muon_svd`` variant. The refresh draws the new ``P`` before the step's
+  queries, so every query and the update share it (the released
+  multi-query code does not on refresh steps, ALGORITHMS.md 3.5).
+
+  It is ``optax.chain(subspace(chain(zo_grad, orthogonalize), ...),
+  split_learning_rates(...))``.
+
+  Args:
+    learning_rate: ``eta`` for matrices (float or schedule).
+    rank: ``r``, clamped per matrix to its output dimension.
+    refresh_every: ``T``, steps between basis redraws (None: never).
+    num_queries: ``N``.
+    eps: perturbation scale.
+    estimator: ``"one_sided"`` (released multi-query path) or ``"two_sided"``.
+    orthogonalizer: ``"newton_schulz"`` or ``"svd"``.
+    vector_learning_rate: learning rate of the leaves with ``ndim < 2``.
+    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    mask: leaves to train (see `zojax.zo_grad`; it is applied to the
+      coordinates, whose tree has the structure of the parameters).
+    loss_fn: optional loss bound at construction.
+    vectorize: evaluate the queries with `vmap`.
+    seed: integer seed or key.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  inner = optax.chain(
+    zo_grad(
+      loss_fn,
+      num_queries=num_queries,
+      eps=eps,
+      estimator=estimator,
+      mask=mask,
+      vectorize=vectorize,
+      seed=seed,
+    ),
+    orthogonalize(orthogonalizer),
+  )
+  return optax.chain(
+    subspace(inner, rank, refresh_every, dimension_numbers=dimension_numbers, seed=seed),
+    split_learning_rates(learning_rate, vector_learning_rate),
+  )
+
+
+def zo_mopi(
+  learning_rate: optax.ScalarOrSchedule = 1e-2,
+  *,
+  rank: int = 64,
+  k: int = 32,
+  beta: float = 0.9,
+  refresh_every: int | None = 500,
+  anchored: bool = True,
+  num_queries: int = 8,
+  eps: float = 1e-3,
+  vector_learning_rate: optax.ScalarOrSchedule = 1e-4,
+  dimension_numbers=None,
+  mask: perturbations.Mask = None,
+  loss_fn: Callable | None = None,
+  vectorize: bool = False,
+  seed: keys_lib.KeyLike = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""ZO-MOPI: partial orthogonalization by power iteration (Chen & Ma, arXiv 2605.09034).
+
+  In the subspace of ZO-Muon (one-sided, ``N + 1`` forwards per step):
+
+  .. math::
+
+    M_t = \beta M_{t-1} + (1 - \beta) \hat G_t, \quad
+    V_t = \mathrm{QR}(M_t^\top M_t V_{t-1}), \quad
+    U_t = \mathrm{colnorm}(M_t V_t), \quad
+    W \leftarrow W - \eta\, P\, U_t V_t^\top,
+
+  a rank-``k`` update (``||U V^T||_F = sqrt(k)``) from one warm-started
+  power-iteration sweep per step. With ``anchored=True`` (the paper's
+  "subspace from the projection of momentum") a refresh keeps the top ``k``
+  directions of the momentum in the new basis and re-projects ``M`` onto it;
+  with ``anchored=False`` the basis is redrawn at random (the released
+  code, which comments the anchored path out). Leaves with fewer than two
+  axes keep the same EMA and step at ``vector_learning_rate``.
+
+  Defaults follow the README example of the released code (r = 64, k = 32,
+  T = 500, N = 8, eta = 1e-2, eps = 1e-3) with the paper's momentum
+  (``beta = 0.9``, the ``run.py`` default); the released scripts use
+  ``beta = 0``, ``refresh_every = 1`` and random refresh. The warm-start
+  basis ``V`` (on the input axis, which a refresh of ``P`` does not change)
+  is kept across refreshes rather than reset.
+
+  It is ``optax.chain(subspace(chain(zo_grad, ema, orthogonalize(
+  "power_iteration")), basis="momentum"), split_learning_rates(...))``.
+
+  Args:
+    learning_rate: ``eta`` for matrices.
+    rank: ``r``.
+    k: rank of the partial orthogonalization (and of the anchor).
+    beta: momentum ``beta`` (0 disables it).
+    refresh_every: ``T``.
+    anchored: momentum-anchored refresh (True) or random refresh.
+    num_queries: ``N``.
+    eps: perturbation scale.
+    vector_learning_rate: learning rate of leaves with ``ndim < 2`` (the
+      released LLM code uses 1e-7).
+    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    mask: leaves to train (see `zojax.zo_grad`).
+    loss_fn: optional loss bound at construction.
+    vectorize: evaluate the queries with `vmap`.
+    seed: integer seed or key.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  inner = optax.chain(
+    zo_grad(
+      loss_fn,
+      num_queries=num_queries,
+      eps=eps,
+      estimator="one_sided",
+      mask=mask,
+      vectorize=vectorize,
+      seed=seed,
+    ),
+    optax.ema(beta, debias=False),
+    orthogonalize("power_iteration", rank=k, seed=seed),
+  )
+  return optax.chain(
+    subspace(
+      inner,
+      rank,
+      refresh_every,
+      basis="momentum" if anchored else "haar",
+      anchor_rank=min(k, rank) if anchored else None,
+      dimension_numbers=dimension_numbers,
+      seed=seed,
+    ),
+    split_learning_rates(learning_rate, vector_learning_rate),
+  )
+
+
+def _lozo_chain(inner_extra, learning_rate, rank, refresh_every, paper_scaling, dims, seed):
+  return optax.chain(
+    subspace(
+      inner_extra,
+      rank,
+      refresh_every,
+      side="in",
+      basis="gaussian",
+      update_scale="inverse_rank" if paper_scaling else None,
+      dimension_numbers=dims,
+      seed=seed,
+    ),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def lozo(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  rank: int = 2,
+  refresh_every: int | None = 50,
+  eps: float = 1e-3,
+  paper_scaling: bool = True,
+  dimension_numbers=None,
+  mask: perturbations.Mask = None,
+  loss_fn: Callable | None = None,
+  seed: keys_lib.KeyLike = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LOZO: low-rank zeroth-order SGD (Chen et al., arXiv 2410.07698).
+
+  Each matrix (PyTorch layout m x n) is perturbed along ``U_t V^T`` with a
+  lazy Gaussian ``V`` (n x r) redrawn every ``refresh_every`` steps and a
+  fresh Gaussian ``U_t`` (m x r) every step; other leaves along a full
+  Gaussian ``z``. Two-sided, 2 forward passes per step:
+
+  .. math::
+
+    c = \frac{L(\theta + \epsilon U_t V^\top) - L(\theta - \epsilon U_t V^\top)}
+      {2\epsilon}, \qquad
+    W \leftarrow W - \eta\, \frac{c\, U_t V^\top}{r}.
+
+  The ``1/r`` (``paper_scaling=True``) is the paper's and makes the estimate
+  unbiased (``E[V V^T] = r I``); the released code omits it
+  (``paper_scaling=False``), which is the same as a learning rate ``r``
+  times larger. Defaults: r = 2, T = 50, eps = 1e-3 (the paper's grid is
+  r in {1, 2}, T in {50, 100}, eta in {1e-6, 1e-7} for OPT-13B).
+
+  Args:
+    learning_rate: ``eta``.
+    rank: ``r``, clamped per matrix to its input dimension.
+    refresh_every: ``T`` (``nu`` in the paper).
+    eps: perturbation scale.
+    paper_scaling: divide the matrix updates by ``r``.
+    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    mask: leaves to train (see `zojax.zo_grad`).
+    loss_fn: optional loss bound at construction.
+    seed: integer seed or key.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  inner = zo_grad(loss_fn, eps=eps, mask=mask, seed=seed)
+  return _lozo_chain(
+    inner, learning_rate, rank, refresh_every, paper_scaling, dimension_numbers, seed
+  )
+
+
+def lozo_m(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  beta: float = 0.9,
+  rank: int = 2,
+  refresh_every: int | None = 50,
+  eps: float = 1e-3,
+  paper_scaling: bool = True,
+  dimension_numbers=None,
+  mask: perturbations.Mask = None,
+  loss_fn: Callable | None = None,
+  seed: keys_lib.KeyLike = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LOZO-M: LOZO with momentum kept in factored form (arXiv 2410.07698).
+
+  The momentum lives in the coordinates ``N`` (m x r) of the lazy basis:
+  ``N_t = beta N_{t-1} + (1 - beta) c U_t`` and ``W <- W - eta N_t V^T / r``.
+  When ``V`` is redrawn, ``N`` is re-projected by least squares,
+  ``N <- N V_old^T V_new (V_new^T V_new)^{-1}``, of which the released
+  code's ``N V_old^T V_new / n`` is the large-``n`` approximation. Other
+  leaves keep a full-size EMA. 2 forward passes per step; momentum memory
+  is ``m r`` per matrix instead of ``m n``.
+
+  Args:
+    learning_rate: ``eta``.
+    beta: momentum (0.9 in the released code).
+    rank: ``r``.
+    refresh_every: ``T``.
+    eps: perturbation scale.
+    paper_scaling: divide the matrix updates by ``r`` (see `lozo`).
+    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    mask: leaves to train (see `zojax.zo_grad`).
+    loss_fn: optional loss bound at construction.
+    seed: integer seed or key.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  inner = optax.chain(
+    zo_grad(loss_fn, eps=eps, mask=mask, seed=seed), optax.ema(beta, debias=False)
+  )
+  return _lozo_chain(
+    inner, learning_rate, rank, refresh_every, paper_scaling, dimension_numbers, seed
+  )
+
+
+def subzero(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  rank: int = 24,
+  refresh_every: int | None = 1000,
+  eps: float = 1e-3,
+  dimension_numbers=None,
+  mask: perturbations.Mask = None,
+  loss_fn: Callable | None = None,
+  seed: keys_lib.KeyLike = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SubZero: random subspace zeroth-order optimization (Yu et al., arXiv 2410.08989).
+
+  Each matrix (m x n) is perturbed along ``s U Z V^T`` with orthonormal
+  ``U`` (m x r) and ``V`` (n x r) redrawn every ``refresh_every`` steps, a
+  Gaussian core ``Z`` (r x r) fresh every step and ``s = sqrt(m n) / r``,
+  so ``E||s U Z V^T||_F^2 = m n`` like a full Gaussian; other leaves along
+  a full Gaussian. Two-sided, 2 forward passes per step:
+
+  .. math::
+
+    c = \frac{L(\theta + \epsilon \Delta) - L(\theta - \epsilon \Delta)}{2\epsilon},
+    \qquad W \leftarrow W - \eta\, c\, \Delta .
+
+  Defaults: the README recipe's r = 24 and T = 1000, eps = 1e-3 (the code
+  defaults are r = 8, T = 2000). Bases are Haar (QR with sign fix; the
+  released code skips the sign fix).
+
+  Args:
+    learning_rate: ``eta``.
+    rank: ``r``, clamped per matrix to ``min(m, n)``.
+    refresh_every: ``T``.
+    eps: perturbation scale.
+    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    mask: leaves to train (see `zojax.zo_grad`).
+    loss_fn: optional loss bound at construction.
+    seed: integer seed or key.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  return optax.chain(
+    subspace(
+      zo_grad(loss_fn, eps=eps, mask=mask, seed=seed),
+      rank,
+      refresh_every,
+      side="both",
+      scale="sqrt_mn_over_r",
+      dimension_numbers=dimension_numbers,
+      seed=seed,
+    ),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -258,6 +258,7 @@ def subspace(
   basis: str = "haar",
   anchor_rank: int | None = None,
   scale: str | None = None,
+  update_scale: str | None = None,
   dimension_numbers=None,
   seed: keys_lib.KeyLike = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -302,7 +303,10 @@ def subspace(
     side: ``"out"``, ``"in"`` or ``"both"``.
     basis: ``"haar"``, ``"gaussian"`` or ``"momentum"``.
     anchor_rank: ``k`` for ``basis="momentum"`` (``1 <= k <= rank``).
-    scale: None or ``"sqrt_mn_over_r"``.
+    scale: None or ``"sqrt_mn_over_r"`` (applies to perturbations and updates).
+    update_scale: None, or ``"inverse_rank"`` to multiply the lifted updates
+      (not the perturbations) of each matrix by ``1 / r`` (its clamped rank):
+      LOZO's factor, which makes ``E[c U V^T] / r = G`` for Gaussian ``V``.
     dimension_numbers: None (default rule), a
       `optax.contrib.MuonDimensionNumbers` for all leaves with >= 2 axes, or
       a pytree (or a callable returning one) of them, None marking leaves
@@ -350,6 +354,8 @@ def subspace(
     raise ValueError('anchor_rank is only used with basis="momentum".')
   if scale not in (None, "sqrt_mn_over_r"):
     raise ValueError(f"Unknown scale {scale!r}; expected None or 'sqrt_mn_over_r'.")
+  if update_scale not in (None, "inverse_rank"):
+    raise ValueError(f"Unknown update_scale {update_scale!r}; expected None or 'inverse_rank'.")
   inner = optax.with_extra_args_support(inner)
   basis_key = keys_lib.stream_key(keys_lib.as_key(seed), "subspace")
   draw_kind = "gaussian" if basis == "gaussian" else "haar"
@@ -454,10 +460,16 @@ def subspace(
       inner_updates, inner_state, template, param_map=assemble, **extra_args
     )
     cu_leaves = geo.treedef.flatten_up_to(coord_updates)
-    lifted = [
-      u if spec is None else spec.from_matrix(geo.lift(spec, b, u)).astype(spec.dtype)
-      for u, spec, b in zip(cu_leaves, geo.specs, bases)
-    ]
+
+    def lift_update(u, spec, b):
+      if spec is None:
+        return u
+      m = geo.lift(spec, b, u)
+      if update_scale == "inverse_rank":
+        m = m / spec.rank
+      return spec.from_matrix(m).astype(spec.dtype)
+
+    lifted = [lift_update(u, spec, b) for u, spec, b in zip(cu_leaves, geo.specs, bases)]
     new_state = SubspaceState(
       count=optax.safe_increment(state.count),
       key=state.key,

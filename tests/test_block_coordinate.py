@@ -1,0 +1,340 @@
+"""Tests for zojax.block_coordinate: one block per step, block orders, no recompiles, errors."""
+
+import functools
+
+import chex
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+from hypothesis import strategies as st
+
+import zojax
+from zojax import keys as keys_lib
+from zojax.block_coordinate import (
+  ORDERS,
+  BlockCoordinateState,
+  active_block,
+  block_coordinate,
+  mezo_bcd,
+  top_level_blocks,
+)
+
+HIDDEN = ("layer_0", "layer_1", "layer_2", "layer_3")  # blocks 0..3; "head" is frozen
+LEARNING_RATE = 0.05
+SWITCH_EVERY = 2
+EPS = 1e-3
+
+
+def mlp_problem():
+  """A 4 -> 16 -> 16 -> 16 -> 16 -> 1 tanh MLP (Flax layout) with squared loss."""
+  rng = np.random.default_rng(0)
+  dims = (4, 16, 16, 16, 16, 1)
+  names = (*HIDDEN, "head")
+  params = {
+    "params": {
+      name: {
+        "kernel": jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), jnp.float32),
+        "bias": jnp.zeros(n, jnp.float32),
+      }
+      for name, m, n in zip(names, dims[:-1], dims[1:])
+    }
+  }
+  x = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
+  y = jnp.sin(x @ jnp.asarray([1.0, -1.0, 0.5, 2.0])).reshape(-1, 1)
+
+  def loss(p, batch):
+    bx, by = batch
+    h = bx
+    for name in HIDDEN:
+      h = jnp.tanh(h @ p["params"][name]["kernel"] + p["params"][name]["bias"])
+    out = h @ p["params"]["head"]["kernel"] + p["params"]["head"]["bias"]
+    return jnp.mean((out - by) ** 2)
+
+  return params, loss, (x, y)
+
+
+TRACES = []  # one entry per Python trace of the shared step function
+
+
+@functools.cache
+def shared_step():
+  """The one jitted MeZO-BCD step most tests reuse (a single compile)."""
+  params, loss, batch = mlp_problem()
+  tx = mezo_bcd(
+    LEARNING_RATE,
+    EPS,
+    blocks=lambda p: top_level_blocks(p, exclude=["head"]),
+    switch_every=SWITCH_EVERY,
+    order="random",
+    seed=0,
+    loss_fn=loss,
+  )
+
+  @jax.jit
+  def step(p, state, batch):
+    TRACES.append(1)
+    updates, state = tx.update(None, state, p, batch=batch)
+    return optax.apply_updates(p, updates), state
+
+  return tx, step, params, batch
+
+
+def block_of(name):
+  return HIDDEN.index(name) if name in HIDDEN else -1
+
+
+def bcd_state(state) -> BlockCoordinateState:
+  return optax.tree_utils.tree_get(state, "BlockCoordinateState")
+
+
+def test_only_the_active_block_changes():
+  tx, step, params, batch = shared_step()
+  state = tx.init(params)
+  seen = set()
+  for t in range(4 * SWITCH_EVERY):
+    new_params, new_state = step(params, state, batch)
+    bcd, new_bcd = bcd_state(state), bcd_state(new_state)
+    b = int(new_bcd.block)
+    seen.add(b)
+    assert b == int(active_block(t, 4, switch_every=SWITCH_EVERY, order="random", key=bcd.key))
+    assert int(new_bcd.count) == t + 1
+    for name, layer in params["params"].items():
+      if block_of(name) == b:
+        assert any(not np.array_equal(layer[k], new_params["params"][name][k]) for k in layer)
+      else:
+        chex.assert_trees_all_equal(layer, new_params["params"][name])
+    for j in range(4):
+      if j != b:
+        chex.assert_trees_all_equal(bcd.inner_states[j], new_bcd.inner_states[j])
+    active_zo = new_bcd.inner_states[b][0]
+    assert int(active_zo.count) == int(bcd.inner_states[b][0].count) + 1
+    # The loss is logged at the top level of the combinator's state.
+    np.testing.assert_array_equal(new_bcd.loss, active_zo.loss)
+    np.testing.assert_allclose(new_bcd.loss, loss_at(params, batch), rtol=1e-3)
+    params, state = new_params, new_state
+  assert len(seen) >= 3
+
+
+def loss_at(params, batch):
+  return mlp_problem()[1](params, batch)
+
+
+def test_step_is_mezo_on_the_active_block():
+  # The active block moves by -lr * c * z, with z drawn from the block's
+  # inner key and c the central difference along z of the full-model loss.
+  tx, step, params, batch = shared_step()
+  _, loss, _ = mlp_problem()
+  state = tx.init(params)
+  new_params, new_state = step(params, state, batch)
+  bcd = bcd_state(new_state)
+  b = int(bcd.block)
+  zo = bcd.inner_states[b][0]
+  name = HIDDEN[b]
+  sub = {"params": {n: (v if n == name else None) for n, v in params["params"].items()}}
+  query = keys_lib.query_key(keys_lib.step_key(zo.key, 0), 0)
+  z = zojax.sample_direction(query, sub)["params"][name]
+
+  def at(scale):
+    p = {"params": dict(params["params"])}
+    p["params"][name] = jax.tree.map(lambda w, d: w + scale * d, params["params"][name], z)
+    return loss(p, batch)
+
+  c = (at(EPS) - at(-EPS)) / (2 * EPS)
+  np.testing.assert_allclose(zo.projected_grads[0], c, rtol=1e-3)
+  expected = jax.tree.map(
+    lambda w, d: w - LEARNING_RATE * zo.projected_grads[0] * d, params["params"][name], z
+  )
+  chex.assert_trees_all_close(new_params["params"][name], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_block_switches_do_not_recompile():
+  tx, step, params, batch = shared_step()
+  state = tx.init(params)
+  blocks = []
+  for _ in range(5 * SWITCH_EVERY):
+    params, state = step(params, state, batch)
+    blocks.append(int(bcd_state(state).block))
+  switches = sum(a != b for a, b in zip(blocks, blocks[1:]))
+  assert switches > 2
+  assert len(TRACES) == 1  # every test shares this jitted step: traced exactly once
+
+
+def test_same_seed_is_bit_identical():
+  tx, step, params, batch = shared_step()
+
+  def run():
+    p, s = params, tx.init(params)
+    for _ in range(3 * SWITCH_EVERY):
+      p, s = step(p, s, batch)
+    return p, s
+
+  chex.assert_trees_all_equal(run(), run())
+
+
+def test_mezo_bcd_lowers_the_loss():
+  tx, step, params, batch = shared_step()
+  state = tx.init(params)
+  start = float(loss_at(params, batch))
+  for _ in range(400):
+    params, state = step(params, state, batch)
+  chex.assert_tree_all_finite(params)
+  assert float(loss_at(params, batch)) < 0.5 * start
+  # The frozen head never moves.
+  chex.assert_trees_all_equal(params["params"]["head"], mlp_problem()[0]["params"]["head"])
+
+
+def _random_bits_sizes(jaxpr) -> int:
+  """Total number of random words the jaxpr (and its sub-jaxprs) draws, per execution."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "random_bits":
+      total += sum(int(np.prod(v.aval.shape)) for v in eqn.outvars)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          total += _random_bits_sizes(inner)
+  return total
+
+
+def test_branches_draw_only_their_block():
+  # Each switch branch draws z for its own block twice (once inside the
+  # forward map, once for the update) and nothing for the other blocks.
+  tx, _, params, batch = shared_step()
+  state = tx.init(params)
+  fn = lambda p, s: tx.update(None, s, p, batch=batch)
+  jaxpr = jax.make_jaxpr(fn)(params, state).jaxpr
+  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(conds) == 1
+  for b, branch in enumerate(conds[0].params["branches"]):
+    size = sum(x.size for x in jax.tree.leaves(params["params"][HIDDEN[b]]))
+    assert _random_bits_sizes(branch.jaxpr) == 2 * size
+
+
+class BlockCoordinateVariantsTest(parameterized.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("ascending", "descending")
+  def test_deterministic_orders_through_the_transform(self, order):
+    params = {"a": jnp.ones(2), "b": jnp.ones(3), "c": jnp.ones(())}
+    loss = lambda p: sum(jnp.sum((v - 2.0) ** 2) for v in jax.tree.leaves(p))
+    tx = block_coordinate(optax.chain(zojax.zo_grad(), optax.sgd(0.1)), switch_every=1, order=order)
+    update = self.variant(lambda p, s: tx.update(None, s, p, value_fn=loss))
+    state = tx.init(params)
+    blocks = []
+    for _ in range(4):
+      updates, state = update(params, state)
+      b = int(state.block)
+      blocks.append(b)
+      for j, name in enumerate("abc"):
+        if j == b:
+          assert np.any(np.asarray(updates[name]) != 0)
+        else:
+          chex.assert_trees_all_equal(updates[name], jnp.zeros_like(params[name]))
+    assert blocks == ([0, 1, 2, 0] if order == "ascending" else [2, 1, 0, 2])
+
+
+def test_active_block_deterministic_orders():
+  counts = jnp.arange(3 * 4 * 5)  # 3 epochs of 4 blocks, switching every 5 steps
+  asc = jax.vmap(lambda c: active_block(c, 4, switch_every=5, order="ascending"))(counts)
+  desc = jax.vmap(lambda c: active_block(c, 4, switch_every=5, order="descending"))(counts)
+  np.testing.assert_array_equal(asc, np.tile(np.repeat(np.arange(4), 5), 3))
+  np.testing.assert_array_equal(desc, np.tile(np.repeat(np.arange(4)[::-1], 5), 3))
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(
+  num_blocks=st.integers(1, 6), switch_every=st.integers(1, 3), seed=st.integers(0, 2**31 - 1)
+)
+def test_random_order_is_reshuffling(num_blocks, switch_every, seed):
+  epochs = 4
+  key = jax.random.key(seed)
+  counts = jnp.arange(epochs * num_blocks * switch_every)
+  order = jax.vmap(
+    lambda c: active_block(c, num_blocks, switch_every=switch_every, order="random", key=key)
+  )(counts)
+  order = np.asarray(order).reshape(epochs, num_blocks, switch_every)
+  assert (order == order[..., :1]).all()  # constant between switches
+  for epoch in order[..., 0]:
+    assert sorted(epoch) == list(range(num_blocks))  # each block exactly once per epoch
+
+
+def test_random_order_depends_on_the_seed():
+  counts = jnp.arange(4 * 6)
+
+  def sequence(seed):
+    fn = lambda c: active_block(c, 6, switch_every=1, order="random", key=jax.random.key(seed))
+    return np.asarray(jax.vmap(fn)(counts))
+
+  np.testing.assert_array_equal(sequence(0), sequence(0))
+  assert len({tuple(sequence(seed)) for seed in range(4)}) > 1
+  # Epochs are reshuffled, not one permutation repeated.
+  assert len({tuple(epoch) for epoch in sequence(0).reshape(4, 6)}) > 1
+
+
+def test_top_level_blocks():
+  params = {"params": {f"layer_{i}": {"w": jnp.ones(2)} for i in (10, 2, 1)}}
+  params["params"]["embed"] = jnp.ones(3)
+  ids = top_level_blocks(params)
+  assert ids["params"]["embed"] == 0
+  assert [ids["params"][f"layer_{i}"]["w"] for i in (1, 2, 10)] == [1, 2, 3]
+  ids = top_level_blocks(params, exclude=["embed"])
+  assert ids["params"]["embed"] == -1
+  assert [ids["params"][f"layer_{i}"]["w"] for i in (1, 2, 10)] == [0, 1, 2]
+  assert top_level_blocks([jnp.ones(2), {"a": jnp.ones(1), "b": jnp.ones(1)}]) == [
+    0,
+    {"a": 1, "b": 1},
+  ]
+  with pytest.raises(ValueError, match="not top-level entries"):
+    top_level_blocks(params, exclude=["head"])
+  with pytest.raises(ValueError, match="single array"):
+    top_level_blocks(jnp.ones(3))
+
+
+def test_inner_state_is_per_block_and_keys_differ():
+  params, _, _ = mlp_problem()
+  tx = block_coordinate(optax.chain(zojax.zo_grad(seed=0), optax.adam(1e-3)))
+  state = tx.init(params)
+  assert len(state.inner_states) == 5  # default rule: head, layer_0..layer_3
+  names = sorted(params["params"])
+  for b, inner in enumerate(state.inner_states):
+    mu = optax.tree_utils.tree_get(inner, "mu")
+    assert jax.tree.leaves(mu) and set(mu["params"]) == set(names)
+    chex.assert_trees_all_equal_shapes(
+      {n: v for n, v in mu["params"].items() if v is not None},
+      {names[b]: params["params"][names[b]]},
+    )
+  inner_keys = [jax.random.key_data(s[0].key) for s in state.inner_states]
+  assert len({tuple(np.asarray(k)) for k in inner_keys}) == 5
+
+
+def test_errors():
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  inner = optax.chain(zojax.zo_grad(), optax.sgd(0.1))
+  for bad in (0, -3, 1.5, True):
+    with pytest.raises(ValueError, match="switch_every"):
+      block_coordinate(inner, switch_every=bad)
+  with pytest.raises(ValueError, match="random.*ascending.*descending"):
+    block_coordinate(inner, order="flip_flop")
+  with pytest.raises(ValueError, match="random.*ascending.*descending"):
+    mezo_bcd(1e-3, order="flip_flop")
+  assert ORDERS == ("random", "ascending", "descending")
+  with pytest.raises(TypeError, match="optax GradientTransformation"):
+    block_coordinate(lambda m: inner)
+  with pytest.raises(ValueError, match="same pytree structure"):
+    block_coordinate(inner, {"a": 0}).init(params)
+  with pytest.raises(ValueError, match=r"Blocks \[1\] have no leaves"):
+    block_coordinate(inner, {"a": 0, "b": 2}).init(params)
+  with pytest.raises(ValueError, match="no leaf to a block"):
+    block_coordinate(inner, {"a": -1, "b": -1}).init(params)
+  with pytest.raises(TypeError, match="static Python int"):
+    block_coordinate(inner, {"a": 0, "b": 0.5}).init(params)
+  tx = block_coordinate(inner)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="2 inner states"):
+    tx.update(None, state, {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}, value_fn=jnp.sum)
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(None, state, value_fn=jnp.sum)
