@@ -109,14 +109,14 @@ PRESETS = {
   ),
   "zo_mopi_random_refresh": (
     lambda: zojax.zo_mopi(
-      0.02,
+      0.05,
       rank=8,
       k=4,
       beta=0.0,
       refresh_every=1,
       anchored=False,
       num_queries=4,
-      vector_learning_rate=0.02,
+      vector_learning_rate=0.05,
     ),
     5,
   ),
