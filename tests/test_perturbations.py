@@ -112,7 +112,7 @@ shapes = st.lists(
 )
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(shapes=shapes, distribution=st.sampled_from(zojax.DISTRIBUTIONS))
 def test_structure_shapes_and_sphere_radius(shapes, distribution):
   params = [jnp.zeros(s) for s in shapes]
