@@ -3,7 +3,13 @@
 Fine-tune a network from forward passes alone, with the memory of inference.
 """
 
-from zojax import keys, orthogonalizers, perturbations, subspaces
+from zojax import block_coordinates, keys, orthogonalizers, perturbations, subspaces
+from zojax.block_coordinates import (
+  BlockCoordinateState,
+  active_block,
+  block_coordinate,
+  top_level_blocks,
+)
 from zojax.estimators import ESTIMATORS, ZOGradState, forwards_per_step, zo_grad
 from zojax.orthogonalizers import PowerIterationState, orthogonalize
 from zojax.perturbations import DISTRIBUTIONS, sample_direction
@@ -12,6 +18,7 @@ from zojax.presets import (
   lozo_m,
   matrix_mask,
   mezo,
+  mezo_bcd,
   split_learning_rates,
   subzero,
   zo_mopi,
@@ -22,6 +29,7 @@ from zojax.subspaces import SubspaceState, subspace
 __version__ = "0.1.0"
 
 __all__ = [
+  "BlockCoordinateState",
   "DISTRIBUTIONS",
   "ESTIMATORS",
   "ZOGradState",
@@ -29,6 +37,11 @@ __all__ = [
   "keys",
   "matrix_mask",
   "mezo",
+  "mezo_bcd",
+  "active_block",
+  "block_coordinate",
+  "block_coordinates",
+  "top_level_blocks",
   "lozo",
   "lozo_m",
   "split_learning_rates",

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 import zojax
 from zojax import keys as keys_lib
-from zojax.block_coordinate import (
+from zojax import mezo_bcd
+from zojax.block_coordinates import (
   ORDERS,
   BlockCoordinateState,
   active_block,
   block_coordinate,
-  mezo_bcd,
   top_level_blocks,
 )
 
@@ -179,7 +179,7 @@ def test_mezo_bcd_lowers_the_loss():
   tx, step, params, batch = shared_step()
   state = tx.init(params)
   start = float(loss_at(params, batch))
-  for _ in range(400):
+  for _ in range(1000):  # 2000 forward passes; each step trains a quarter of the model
     params, state = step(params, state, batch)
   chex.assert_tree_all_finite(params)
   assert float(loss_at(params, batch)) < 0.5 * start
@@ -216,7 +216,9 @@ def test_branches_draw_only_their_block():
 
 
 class BlockCoordinateVariantsTest(parameterized.TestCase):
-  @chex.variants(with_jit=True, without_jit=True)
+  # Jit only: an eager lax.switch retraces and recompiles its branches on every
+  # call (about 2 s a step here), so without_jit would dominate the file's run time.
+  @chex.variants(with_jit=True)
   @parameterized.parameters("ascending", "descending")
   def test_deterministic_orders_through_the_transform(self, order):
     params = {"a": jnp.ones(2), "b": jnp.ones(3), "c": jnp.ones(())}
@@ -237,25 +239,36 @@ class BlockCoordinateVariantsTest(parameterized.TestCase):
     assert blocks == ([0, 1, 2, 0] if order == "ascending" else [2, 1, 0, 2])
 
 
+@functools.partial(jax.jit, static_argnames=("num_blocks", "switch_every", "order"))
+def block_sequence(counts, key, *, num_blocks, switch_every, order):
+  """`active_block` at every step of ``counts`` (one compile per static configuration)."""
+  fn = lambda c: active_block(c, num_blocks, switch_every=switch_every, order=order, key=key)
+  return jax.vmap(fn)(counts)
+
+
 def test_active_block_deterministic_orders():
   counts = jnp.arange(3 * 4 * 5)  # 3 epochs of 4 blocks, switching every 5 steps
-  asc = jax.vmap(lambda c: active_block(c, 4, switch_every=5, order="ascending"))(counts)
-  desc = jax.vmap(lambda c: active_block(c, 4, switch_every=5, order="descending"))(counts)
+  key = jax.random.key(0)
+  asc = block_sequence(counts, key, num_blocks=4, switch_every=5, order="ascending")
+  desc = block_sequence(counts, key, num_blocks=4, switch_every=5, order="descending")
   np.testing.assert_array_equal(asc, np.tile(np.repeat(np.arange(4), 5), 3))
   np.testing.assert_array_equal(desc, np.tile(np.repeat(np.arange(4)[::-1], 5), 3))
 
 
-@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.settings(max_examples=12, deadline=None)
 @hypothesis.given(
-  num_blocks=st.integers(1, 6), switch_every=st.integers(1, 3), seed=st.integers(0, 2**31 - 1)
+  num_blocks=st.integers(1, 6), switch_every=st.integers(1, 2), seed=st.integers(0, 2**31 - 1)
 )
 def test_random_order_is_reshuffling(num_blocks, switch_every, seed):
   epochs = 4
-  key = jax.random.key(seed)
-  counts = jnp.arange(epochs * num_blocks * switch_every)
-  order = jax.vmap(
-    lambda c: active_block(c, num_blocks, switch_every=switch_every, order="random", key=key)
-  )(counts)
+  # Fixed-length counts (the largest case), so only the static arguments recompile.
+  order = block_sequence(
+    jnp.arange(epochs * 6 * 2),
+    jax.random.key(seed),
+    num_blocks=num_blocks,
+    switch_every=switch_every,
+    order="random",
+  )[: epochs * num_blocks * switch_every]
   order = np.asarray(order).reshape(epochs, num_blocks, switch_every)
   assert (order == order[..., :1]).all()  # constant between switches
   for epoch in order[..., 0]:
@@ -266,8 +279,9 @@ def test_random_order_depends_on_the_seed():
   counts = jnp.arange(4 * 6)
 
   def sequence(seed):
-    fn = lambda c: active_block(c, 6, switch_every=1, order="random", key=jax.random.key(seed))
-    return np.asarray(jax.vmap(fn)(counts))
+    return np.asarray(
+      block_sequence(counts, jax.random.key(seed), num_blocks=6, switch_every=1, order="random")
+    )
 
   np.testing.assert_array_equal(sequence(0), sequence(0))
   assert len({tuple(sequence(seed)) for seed in range(4)}) > 1
@@ -303,10 +317,10 @@ def test_inner_state_is_per_block_and_keys_differ():
   for b, inner in enumerate(state.inner_states):
     mu = optax.tree_utils.tree_get(inner, "mu")
     assert jax.tree.leaves(mu) and set(mu["params"]) == set(names)
-    chex.assert_trees_all_equal_shapes(
-      {n: v for n, v in mu["params"].items() if v is not None},
-      {names[b]: params["params"][names[b]]},
-    )
+    # Adam moments exist for block b's leaves only (other leaves are None).
+    assert [x.shape for x in jax.tree.leaves(mu)] == [
+      x.shape for x in jax.tree.leaves(params["params"][names[b]])
+    ]
   inner_keys = [jax.random.key_data(s[0].key) for s in state.inner_states]
   assert len({tuple(np.asarray(k)) for k in inner_keys}) == 5
 
