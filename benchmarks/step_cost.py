@@ -69,6 +69,7 @@ def presets(num_queries: int):
   """The presets measured, with their forward passes per step."""
   return {
     "mezo": (zojax.mezo(1e-3), 2),
+    "mezo_bcd": (zojax.mezo_bcd(1e-3, switch_every=1), 2),
     "zo_muon": (zojax.zo_muon(1e-2, num_queries=num_queries), num_queries + 1),
     "zo_mopi": (zojax.zo_mopi(1e-2, num_queries=num_queries), num_queries + 1),
     "lozo": (zojax.lozo(1e-3), 2),
