@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import zojax
+from tests.training import scan_steps
 
 
 def regression_problem():
@@ -28,14 +29,7 @@ def test_mezo_lowers_regression_loss():
   params, loss, _ = regression_problem()
   tx = zojax.mezo(learning_rate=0.02, seed=0)
 
-  @jax.jit
-  def run(p, s):
-    def body(carry, _):
-      p, s = carry
-      u, s = tx.update(None, s, p, value_fn=loss)
-      return (optax.apply_updates(p, u), s), None
-
-    return jax.lax.scan(body, (p, s), None, length=400)[0]
+  run = scan_steps(tx, loss, 400)
 
   start = float(loss(params))
   params, state = run(params, tx.init(params))
@@ -133,14 +127,8 @@ def test_preset_jits_is_deterministic_and_lowers_loss(name):
   tx = make()
   steps = FORWARD_BUDGET // forwards
 
-  @jax.jit
-  def run(p, s):
-    def body(carry, _):
-      p, s = carry
-      u, s = tx.update(None, s, p, value_fn=loss)
-      return (optax.apply_updates(p, u), s), None
-
-    return jax.lax.scan(body, (p, s), None, length=steps)[0][0]
+  run_full = scan_steps(tx, loss, steps)
+  run = lambda p, s: run_full(p, s)[0]
 
   first = run(params, tx.init(params))
   chex.assert_trees_all_equal(first, run(params, tx.init(params)))

@@ -10,6 +10,7 @@ from optax.contrib import MuonDimensionNumbers
 
 import zojax
 from tests import stats
+from tests.training import scan_steps
 
 FAN_IN, FAN_OUT = 5, 4
 RNG = np.random.default_rng(0)
@@ -224,14 +225,7 @@ def test_lowers_loss_and_is_deterministic():
     optax.sgd(0.05),
   )
 
-  @jax.jit
-  def run(p, s):
-    def body(carry, _):
-      p, s = carry
-      u, s = tx.update(None, s, p, value_fn=loss)
-      return (optax.apply_updates(p, u), s), None
-
-    return jax.lax.scan(body, (p, s), None, length=200)[0]
+  run = scan_steps(tx, loss, 200)
 
   p1, _ = run(params, tx.init(params))
   p2, _ = run(params, tx.init(params))
