@@ -41,39 +41,7 @@ import jax.numpy as jnp
 import optax
 
 import zojax
-
-
-def make_problem(layers: int, width: int, batch: int, tokens: int, classes: int = 10):
-  """A ``layers``-deep tanh MLP applied per token, mean-pooled, cross-entropy loss.
-
-  Returns:
-    ``(params, loss, batch)`` with ``params = {"layer_00": ..., ..., "head": ...}``
-    and ``loss(params, batch) -> scalar``.
-  """
-  keys = jax.random.split(jax.random.key(0), layers + 3)
-  params = {
-    f"layer_{i:02d}": {
-      "kernel": jax.random.normal(keys[i], (width, width)) / jnp.sqrt(width),
-      "bias": jnp.zeros(width),
-    }
-    for i in range(layers)
-  }
-  params["head"] = {
-    "kernel": jax.random.normal(keys[layers], (width, classes)) / jnp.sqrt(width),
-    "bias": jnp.zeros(classes),
-  }
-  x = jax.random.normal(keys[-2], (batch, tokens, width))
-  y = jax.random.randint(keys[-1], (batch,), 0, classes)
-
-  def loss(p, batch_xy):
-    h, labels = batch_xy
-    for i in range(layers):
-      layer = p[f"layer_{i:02d}"]
-      h = jnp.tanh(h @ layer["kernel"] + layer["bias"])
-    logits = h.mean(axis=1) @ p["head"]["kernel"] + p["head"]["bias"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  return params, loss, (x, y)
+from benchmarks.step_cost import make_problem
 
 
 class _Stepper:
