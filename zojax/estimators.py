@@ -61,6 +61,7 @@ class _Config:
   distribution: str
   mask: Any
   vectorize: bool
+  axis_name: str | None
 
 
 def forwards_per_step(num_queries: int = 1, estimator: str = "two_sided") -> int:
@@ -108,6 +109,20 @@ def _check_value_fn(value_fn, params) -> None:
     raise TypeError(f"value_fn must return a floating-point scalar, got dtype {leaves[0].dtype}.")
 
 
+def _replica_mean(values: jax.Array, axis_name: str | None) -> jax.Array:
+  """Mean of the loss values over the data-parallel axis (the only communication)."""
+  if axis_name is None:
+    return values
+  try:
+    return jax.lax.pmean(values, axis_name)
+  except NameError as err:
+    raise ValueError(
+      f"zo_grad(axis_name={axis_name!r}) is not running under a jax.pmap or jax.shard_map "
+      "that binds that axis. Map the train step over it, or leave axis_name=None under "
+      "plain jit."
+    ) from err
+
+
 def _estimate(
   value_fn: Callable[[Any], jax.Array],
   params,
@@ -142,13 +157,15 @@ def _estimate(
     # program never holds z next to a perturbed copy of the weights.
     keys2 = jnp.repeat(qkeys, 2)
     scales = jnp.tile(jnp.asarray([eps, -eps], jnp.float32), num)
-    values = run(keys2, scales).reshape(num, 2)
+    values = _replica_mean(run(keys2, scales), config.axis_name).reshape(num, 2)
     c = (values[:, 0] - values[:, 1]) / (2.0 * eps)
     loss = jnp.mean(values)
     finite = jnp.all(jnp.isfinite(values))
   else:
     f0 = jnp.asarray(value_fn(params), jnp.float32)
     values = run(qkeys, jnp.full((num,), eps, jnp.float32))
+    both = _replica_mean(jnp.concatenate([values, f0[None]]), config.axis_name)
+    values, f0 = both[:num], both[num]
     c = (values - f0) / eps
     loss = f0
     finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(f0)
@@ -169,6 +186,7 @@ def zo_grad(
   mask: perturbations.Mask = None,
   vectorize: bool = False,
   seed: keys_lib.KeyLike = 0,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Zeroth-order (SPSA) gradient estimate from forward passes only.
 
@@ -238,6 +256,13 @@ def zo_grad(
       leaves must be masked out.
     vectorize: evaluate the queries with `vmap` instead of `lax.map`.
     seed: an integer seed or a `jax.random` key for the state.
+    axis_name: for data parallelism under `jax.pmap` or `jax.shard_map`: the
+      mapped axis the batch is split over. Every replica holds the same key,
+      so all draw the same directions; only the loss values are averaged
+      over the axis (``num_queries`` scalars per step, plus the baseline for
+      the one-sided estimator), so replicas compute identical updates and
+      never exchange gradients. Leave it None under plain `jit`, where a
+      loss that averages a sharded batch is already global.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with state `ZOGradState`.
@@ -266,7 +291,9 @@ def zo_grad(
   perturbations.check_distribution(distribution)
   if loss_fn is not None and not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-  config = _Config(num_queries, float(eps), estimator, distribution, mask, bool(vectorize))
+  config = _Config(
+    num_queries, float(eps), estimator, distribution, mask, bool(vectorize), axis_name
+  )
   key = keys_lib.as_key(seed)
 
   def init_fn(params):

@@ -56,6 +56,7 @@ def mezo(
   loss_fn: Callable | None = None,
   vectorize: bool = False,
   seed: keys_lib.KeyLike = 0,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO: memory-efficient zeroth-order SGD (Malladi et al., arXiv 2305.17333).
 
@@ -91,6 +92,9 @@ def mezo(
     vectorize: evaluate the queries with `vmap`.
     seed: an integer seed or a `jax.random` key.
 
+    axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
+      only loss values cross it (see `zojax.zo_grad`).
+
   Returns:
     An `optax.GradientTransformationExtraArgs`; pass ``value_fn=`` (or
     ``batch=`` when ``loss_fn`` is bound) to ``update``.
@@ -114,6 +118,7 @@ def mezo(
       mask=mask,
       vectorize=vectorize,
       seed=seed,
+      axis_name=axis_name,
     ),
     optax.add_decayed_weights(weight_decay, mask=matrix_mask(mask)),
     optax.scale_by_learning_rate(learning_rate),
@@ -155,6 +160,7 @@ def zo_muon(
   loss_fn: Callable | None = None,
   vectorize: bool = False,
   seed: keys_lib.KeyLike = 0,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-Muon: subspace zeroth-order gradient, orthogonalized (Lang et al., arXiv 2602.17155).
 
@@ -201,6 +207,9 @@ def zo_muon(
     vectorize: evaluate the queries with `vmap`.
     seed: integer seed or key.
 
+    axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
+      only loss values cross it (see `zojax.zo_grad`).
+
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
@@ -213,6 +222,7 @@ def zo_muon(
       mask=mask,
       vectorize=vectorize,
       seed=seed,
+      axis_name=axis_name,
     ),
     orthogonalize(orthogonalizer),
   )
@@ -238,6 +248,7 @@ def zo_mopi(
   loss_fn: Callable | None = None,
   vectorize: bool = False,
   seed: keys_lib.KeyLike = 0,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-MOPI: partial orthogonalization by power iteration (Chen & Ma, arXiv 2605.09034).
 
@@ -285,6 +296,9 @@ def zo_mopi(
     vectorize: evaluate the queries with `vmap`.
     seed: integer seed or key.
 
+    axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
+      only loss values cross it (see `zojax.zo_grad`).
+
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
@@ -297,6 +311,7 @@ def zo_mopi(
       mask=mask,
       vectorize=vectorize,
       seed=seed,
+      axis_name=axis_name,
     ),
     optax.ema(beta, debias=False),
     orthogonalize("power_iteration", rank=k, seed=seed),
@@ -342,6 +357,7 @@ def lozo(
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
   seed: keys_lib.KeyLike = 0,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LOZO: low-rank zeroth-order SGD (Chen et al., arXiv 2410.07698).
 
@@ -373,10 +389,13 @@ def lozo(
     loss_fn: optional loss bound at construction.
     seed: integer seed or key.
 
+    axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
+      only loss values cross it (see `zojax.zo_grad`).
+
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
-  inner = zo_grad(loss_fn, eps=eps, mask=mask, seed=seed)
+  inner = zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name)
   return _lozo_chain(
     inner, learning_rate, rank, refresh_every, paper_scaling, dimension_numbers, seed
   )
@@ -394,6 +413,7 @@ def lozo_m(
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
   seed: keys_lib.KeyLike = 0,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LOZO-M: LOZO with momentum kept in factored form (arXiv 2410.07698).
 
@@ -417,11 +437,15 @@ def lozo_m(
     loss_fn: optional loss bound at construction.
     seed: integer seed or key.
 
+    axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
+      only loss values cross it (see `zojax.zo_grad`).
+
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
   inner = optax.chain(
-    zo_grad(loss_fn, eps=eps, mask=mask, seed=seed), optax.ema(beta, debias=False)
+    zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name),
+    optax.ema(beta, debias=False),
   )
   return _lozo_chain(
     inner, learning_rate, rank, refresh_every, paper_scaling, dimension_numbers, seed
@@ -438,6 +462,7 @@ def subzero(
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
   seed: keys_lib.KeyLike = 0,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SubZero: random subspace zeroth-order optimization (Yu et al., arXiv 2410.08989).
 
@@ -466,12 +491,15 @@ def subzero(
     loss_fn: optional loss bound at construction.
     seed: integer seed or key.
 
+    axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
+      only loss values cross it (see `zojax.zo_grad`).
+
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
   return optax.chain(
     subspace(
-      zo_grad(loss_fn, eps=eps, mask=mask, seed=seed),
+      zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name),
       rank,
       refresh_every,
       side="both",
@@ -494,6 +522,7 @@ def mezo_bcd(
   num_queries: int = 1,
   seed: keys_lib.KeyLike = 0,
   loss_fn: Callable | None = None,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO-BCD: MeZO-SGD on one block of parameters at a time (arXiv 2501.19099).
 
@@ -544,6 +573,9 @@ def mezo_bcd(
       use independent streams of it).
     loss_fn: optional loss bound at construction (see `zojax.zo_grad`).
 
+    axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
+      only loss values cross it (see `zojax.zo_grad`).
+
   Returns:
     An `optax.GradientTransformationExtraArgs`; pass ``value_fn=`` (or
     ``batch=`` when ``loss_fn`` is bound) to ``update``.
@@ -562,7 +594,14 @@ def mezo_bcd(
     >>> params = optax.apply_updates(params, updates)
   """
   inner = optax.chain(
-    zo_grad(loss_fn, num_queries=num_queries, eps=eps, estimator="two_sided", seed=seed),
+    zo_grad(
+      loss_fn,
+      num_queries=num_queries,
+      eps=eps,
+      estimator="two_sided",
+      seed=seed,
+      axis_name=axis_name,
+    ),
     optax.add_decayed_weights(weight_decay, mask=matrix_mask()),
   )
   return optax.chain(
