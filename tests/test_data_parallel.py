@@ -73,7 +73,8 @@ SCRIPT = textwrap.dedent(
     for i in range(1, 4):  # replicas stay bit-identical
       replica = jax.tree.map(lambda a: a[i], pp)
       chex.assert_trees_all_equal(replica, jax.tree.map(lambda a: a[0], pp))
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], pp), p1, atol=tol[name], rtol=tol[name])
+    first = jax.tree.map(lambda a: a[0], pp)
+    chex.assert_trees_all_close(first, p1, atol=tol[name], rtol=tol[name])
 
     # The only cross-device traffic: all-reduces of a few float scalars.
     hlo = pstep.lower(pp, ps, shards).compile().as_text()
