@@ -50,3 +50,11 @@ def test_distinct_steps_and_queries_give_distinct_keys():
     for i in range(8)
   }
   assert len(seen) == 160
+
+
+def test_stream_keys_are_distinct_and_stable():
+  key = jax.random.key(0)
+  a, b = keys.stream_key(key, "subspace"), keys.stream_key(key, "block_coordinate")
+  assert not np.array_equal(_data(a), _data(b))
+  assert not np.array_equal(_data(a), _data(key))
+  np.testing.assert_array_equal(_data(a), _data(keys.stream_key(key, "subspace")))

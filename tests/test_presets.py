@@ -134,3 +134,11 @@ def test_preset_jits_is_deterministic_and_lowers_loss(name):
   chex.assert_trees_all_equal(first, run(params, tx.init(params)))
   chex.assert_tree_all_finite(first)
   assert float(loss(first)) < 0.5 * float(loss(params)), name
+
+
+def test_split_learning_rates():
+  params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}
+  tx = zojax.split_learning_rates(0.5, 0.01)
+  updates, _ = tx.update(params, tx.init(params), params)
+  np.testing.assert_allclose(updates["kernel"], -0.5 * np.ones((2, 3)))
+  np.testing.assert_allclose(updates["bias"], -0.01 * np.ones(3))
