@@ -3,7 +3,7 @@
 Fine-tune a network from forward passes alone, with the memory of inference.
 """
 
-from zojax import block_coordinates, keys, orthogonalizers, perturbations, subspaces
+from zojax import block_coordinates, keys, orthogonalizers, perturbations, subspaces, trajectory
 from zojax.block_coordinates import (
   BlockCoordinateState,
   active_block,
@@ -56,5 +56,6 @@ __all__ = [
   "PowerIterationState",
   "orthogonalize",
   "subspace",
+  "trajectory",
   "zo_grad",
 ]

@@ -176,6 +176,28 @@ def _estimate(
   return grad, loss, c, finite
 
 
+def _replay(projected_grads, params, step_key, config: _Config, value_fn, batch):
+  """Rebuilds a step's estimate from its recorded ``c_i`` without any forward pass."""
+  if value_fn is not None or batch is not _MISSING:
+    raise ValueError(
+      "zo_grad got projected_grads= (replaying a recorded step) together with a loss or "
+      "batch; a replayed step evaluates no loss, so pass one or the other."
+    )
+  c = jnp.asarray(projected_grads)
+  if c.shape != (config.num_queries,) or not jnp.issubdtype(c.dtype, jnp.floating):
+    raise ValueError(
+      f"projected_grads must be a float array of shape ({config.num_queries},) (one scalar "
+      f"per query), got dtype {c.dtype} and shape {c.shape}."
+    )
+  c = c.astype(jnp.float32)
+  num = config.num_queries
+  qkeys = jax.vmap(lambda i: keys_lib.query_key(step_key, i))(jnp.arange(num))
+  grad = perturbations.combine_directions(
+    params, qkeys, c / num, config.distribution, config.mask, vectorize=config.vectorize
+  )
+  return grad, jnp.full([], jnp.nan, jnp.float32), c, jnp.asarray(True)
+
+
 def zo_grad(
   loss_fn: Callable[..., jax.Array] | None = None,
   *,
@@ -221,6 +243,11 @@ def zo_grad(
 
   The incoming ``updates`` are ignored (``None`` is accepted): the estimate
   replaces them. ``params`` is required.
+
+  Replay: ``update(..., projected_grads=c)`` with the ``c_i`` a step
+  recorded (``state.projected_grads`` after it, see `zojax.trajectory`)
+  rebuilds that step's estimate from the key alone, without a loss or a
+  forward pass; the state's ``loss`` is then NaN.
 
   A combinator that hands this estimator other coordinates than the model's
   parameters (`zojax.subspace`) passes ``param_map=``, a function from those
@@ -307,18 +334,29 @@ def zo_grad(
     )
 
   def update_fn(
-    updates, state, params=None, *, value_fn=None, batch=_MISSING, param_map=None, **extra_args
+    updates,
+    state,
+    params=None,
+    *,
+    value_fn=None,
+    batch=_MISSING,
+    param_map=None,
+    projected_grads=None,
+    **extra_args,
   ):
     del updates, extra_args
     if params is None:
       raise ValueError("zo_grad needs params: call update(updates, state, params, ...).")
-    fn = _resolve_value_fn(loss_fn, value_fn, batch)
-    if param_map is not None:
-      fn = lambda p, fn=fn: fn(param_map(p))
-    perturbations.perturbable_leaves(params, mask)
-    _check_value_fn(fn, params)
     key_t = keys_lib.step_key(state.key, state.count)
-    grad, loss, c, finite = _estimate(fn, params, key_t, config)
+    if projected_grads is not None:
+      grad, loss, c, finite = _replay(projected_grads, params, key_t, config, value_fn, batch)
+    else:
+      fn = _resolve_value_fn(loss_fn, value_fn, batch)
+      if param_map is not None:
+        fn = lambda p, fn=fn: fn(param_map(p))
+      perturbations.perturbable_leaves(params, mask)
+      _check_value_fn(fn, params)
+      grad, loss, c, finite = _estimate(fn, params, key_t, config)
     new_state = ZOGradState(
       count=optax.safe_increment(state.count),
       key=state.key,

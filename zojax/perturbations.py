@@ -139,8 +139,20 @@ def perturbable_leaves(params, mask: Mask = None) -> list[bool]:
   return flags
 
 
+def draw_dtype(dtype) -> jnp.dtype:
+  """The dtype directions of a ``dtype`` leaf are drawn and combined in.
+
+  At least float32: a bfloat16 Gaussian drawn natively has 8 bits of
+  mantissa (coarse tails, visible bias in ``E[z z^T]``), and ``theta + eps z``
+  rounded twice loses the perturbation's low bits. Low-precision leaves are
+  therefore perturbed in float32 and rounded once to their own dtype.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _draw(keys: jax.Array, shape, dtype, distribution: str) -> jax.Array:
   """Draws ``len(keys)`` arrays of ``shape``: row ``j`` is the draw of ``keys[j]``."""
+  dtype = draw_dtype(dtype)
 
   def one(key):
     if distribution == "rademacher":
@@ -202,7 +214,9 @@ def sample_direction(
   flags = perturbable_leaves(params, mask)
   draws = _raw_directions(key, params, distribution, flags)
   leaves, treedef = jax.tree.flatten(params)
-  out = [jnp.zeros_like(p) if z is None else z for p, z in zip(leaves, draws)]
+  out = [
+    jnp.zeros_like(p) if z is None else z.astype(jnp.result_type(p)) for p, z in zip(leaves, draws)
+  ]
   return jax.tree.unflatten(treedef, out)
 
 
@@ -226,14 +240,17 @@ def perturb(
     mask: see `resolve_mask`.
 
   Returns:
-    The perturbed parameters, with the dtypes of ``params``.
+    The perturbed parameters, with the dtypes of ``params``; low-precision
+    leaves are computed in float32 and rounded once.
   """
   check_distribution(distribution)
   flags = perturbable_leaves(params, mask)
   draws = _raw_directions(key, params, distribution, flags)
   leaves, treedef = jax.tree.flatten(params)
   out = [
-    p if z is None else p + jnp.asarray(scale, jnp.float32).astype(z.dtype) * z
+    p
+    if z is None
+    else (p.astype(z.dtype) + jnp.asarray(scale, jnp.float32).astype(z.dtype) * z).astype(p.dtype)
     for p, z in zip(leaves, draws)
   ]
   return jax.tree.unflatten(treedef, out)
@@ -276,7 +293,7 @@ def combine_directions(
     return [None if z is None else weight.astype(z.dtype) * z for z in draws]
 
   def acc_dtype(leaf):
-    return jnp.promote_types(jnp.result_type(leaf), jnp.float32)
+    return draw_dtype(jnp.result_type(leaf))
 
   if num == 1:
     summed = one(query_keys[0], weights[0])
@@ -311,5 +328,7 @@ def combine_directions(
     summed = [
       None if t is None else t.astype(jnp.result_type(leaf)) for t, leaf in zip(total, leaves)
     ]
-  out = [jnp.zeros_like(p) if s is None else s for p, s in zip(leaves, summed)]
+  out = [
+    jnp.zeros_like(p) if s is None else s.astype(jnp.result_type(p)) for p, s in zip(leaves, summed)
+  ]
   return jax.tree.unflatten(treedef, out)
