@@ -3,7 +3,15 @@
 Fine-tune a network from forward passes alone, with the memory of inference.
 """
 
-from zojax import block_coordinates, keys, orthogonalizers, perturbations, subspaces, trajectory
+from zojax import (
+  block_coordinates,
+  keys,
+  orthogonalizers,
+  perturbations,
+  precision,
+  subspaces,
+  trajectory,
+)
 from zojax.block_coordinates import (
   BlockCoordinateState,
   active_block,
@@ -13,6 +21,13 @@ from zojax.block_coordinates import (
 from zojax.estimators import ESTIMATORS, ZOGradState, forwards_per_step, zo_grad
 from zojax.orthogonalizers import PowerIterationState, orthogonalize
 from zojax.perturbations import DISTRIBUTIONS, sample_direction
+from zojax.precision import (
+  MasterWeightsState,
+  StochasticRoundingState,
+  master_weights,
+  stochastic_round,
+  stochastic_rounding,
+)
 from zojax.presets import (
   lozo,
   lozo_m,
@@ -35,6 +50,12 @@ __all__ = [
   "ZOGradState",
   "forwards_per_step",
   "keys",
+  "MasterWeightsState",
+  "StochasticRoundingState",
+  "master_weights",
+  "precision",
+  "stochastic_round",
+  "stochastic_rounding",
   "matrix_mask",
   "mezo",
   "mezo_bcd",

@@ -8,6 +8,7 @@ follow it in an `optax.chain` (SGD, momentum, Adam, schedules, masks).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -107,6 +108,13 @@ def _check_value_fn(value_fn, params) -> None:
     )
   if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
     raise TypeError(f"value_fn must return a floating-point scalar, got dtype {leaves[0].dtype}.")
+  if jnp.finfo(leaves[0].dtype).bits < 32:
+    warnings.warn(
+      f"value_fn returns a {leaves[0].dtype} loss. Its spacing (about 0.016 near a loss of 2 "
+      "for bfloat16) is far above eps * |grad|, so the finite differences are mostly rounding "
+      "noise. Compute the loss in float32 (e.g. cast the logits before the softmax).",
+      stacklevel=4,
+    )
 
 
 def _replica_mean(values: jax.Array, axis_name: str | None) -> jax.Array:
