@@ -288,3 +288,14 @@ def test_signature_entries():
 def test_import_zojax_does_not_import_orbax():
   code = "import sys, zojax; sys.exit(any(m.startswith('orbax') for m in sys.modules))"
   assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_extras_are_saved_and_not_checked(tmp_path):
+  params, _ = _problem()
+  tx, config = _build("mezo")
+  extras = {"data": {"epoch": 3, "index": 17}, "wall_time": 12.5}
+  with ocp.CheckpointManager(tmp_path) as manager:
+    checkpointing.save(manager, 5, params, tx.init(params), config=config, extras=extras)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    assert checkpointing.metadata(manager, 5)["extras"] == extras
+    checkpointing.restore(manager, 5, params, tx.init(params), config=config)

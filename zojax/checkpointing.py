@@ -218,6 +218,7 @@ def save(
   opt_state,
   *,
   config: Mapping[str, Any] | None = None,
+  extras: Mapping[str, Any] | None = None,
 ) -> bool:
   """Saves parameters, optimizer state and their metadata as checkpoint ``step``.
 
@@ -234,6 +235,10 @@ def save(
     config: optional JSON-able dict of the hyperparameters that built the
       optimizer (learning rate, eps, ...), which the state's structure does
       not show; `restore` checks it when given one.
+    extras: optional JSON-able dict saved alongside and never checked, for
+      what a training program needs to resume besides the optimizer (the
+      data iterator's state, wall time so far, ...); read it back with
+      ``metadata(manager, step)["extras"]``.
 
   Returns:
     Whether a checkpoint was written (False when the manager's save policy,
@@ -247,6 +252,7 @@ def save(
     "params": signature(params),
     "opt_state": signature(opt_state),
     "config": _normalized_config(config),
+    "extras": _normalized_config(extras),
   }
   return manager.save(
     step,
@@ -280,7 +286,8 @@ def metadata(manager: ocp.CheckpointManager, step: int | None = None) -> dict[st
 
   Returns:
     A dict with ``"format"``, ``"step"``, the signatures ``"params"`` and
-    ``"opt_state"`` (see `signature`) and the saved ``"config"`` (or None).
+    ``"opt_state"`` (see `signature`), the saved ``"config"`` and
+    ``"extras"`` (each None if not given).
 
   Raises:
     FileNotFoundError: if there is no such step (or no checkpoint at all).
@@ -301,7 +308,7 @@ def metadata(manager: ocp.CheckpointManager, step: int | None = None) -> dict[st
   meta = restored[_METADATA_ITEM]
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise ValueError(f"{not_ours}.")
-  return {**meta, "step": step}
+  return {"extras": None, **meta, "step": step}
 
 
 def restore(
