@@ -1,0 +1,1 @@
+"""ViT fine-tuning example: model, official-checkpoint loader, data and training program."""
