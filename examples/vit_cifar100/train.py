@@ -266,6 +266,14 @@ def _with_zero_head(params, num_classes: int):
   return params
 
 
+def _evaluator(apply, source, args, shardings: Shardings) -> Callable[[Any], float]:
+  """Test accuracy over ``source`` in padded batches of ``--batch-size``."""
+  dataset = data_lib.eval_dataset(
+    source, batch_size=args.batch_size, image_size=args.image_size, pad_remainder=True
+  )
+  return accuracy_fn(apply, data_lib.batches(dataset), shardings)
+
+
 def pretrain_digits(args, shardings: Shardings, log: Callable[[str], None]):
   """First-order Adam on digits 0-4 with a 5-way head; returns the body with a zero 10-way head."""
   model, params = model_lib.create(
@@ -284,16 +292,7 @@ def pretrain_digits(args, shardings: Shardings, log: Callable[[str], None]):
   iterator = data_lib.make_iterator(dataset)
   for _ in range(args.pretrain_steps):
     params, opt_state, _ = step(params, opt_state, shardings.put_batch(next(iterator)))
-  evaluate = accuracy_fn(
-    apply,
-    data_lib.batches(
-      data_lib.eval_dataset(
-        test, batch_size=args.batch_size, image_size=args.image_size, pad_remainder=True
-      )
-    ),
-    shardings,
-  )
-  accuracy = evaluate(params)
+  accuracy = _evaluator(apply, test, args, shardings)(params)
   log(
     f"pretrained with Adam on digits 0-{PRETRAIN_CLASSES - 1} ({args.pretrain_steps} steps, "
     f"{time.perf_counter() - start:.1f} s): test accuracy on those digits {accuracy:.4f}"
@@ -328,16 +327,7 @@ def build_task(args, shardings: Shardings, log: Callable[[str], None], *, need_p
   dataset = data_lib.train_dataset(
     train, batch_size=args.batch_size, image_size=args.image_size, seed=args.seed, augment=augment
   )
-  evaluate = accuracy_fn(
-    apply,
-    data_lib.batches(
-      data_lib.eval_dataset(
-        test, batch_size=args.batch_size, image_size=args.image_size, pad_remainder=True
-      )
-    ),
-    shardings,
-  )
-  return Task(apply, params, dataset, evaluate, description)
+  return Task(apply, params, dataset, _evaluator(apply, test, args, shardings), description)
 
 
 def run_config(args, optimizer: optimizers.Optimizer) -> dict:
