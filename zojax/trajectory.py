@@ -22,7 +22,7 @@ Typical use::
   log = zojax.trajectory.TrajectoryLog(0, np.stack(rows))
   zojax.trajectory.save("run.npz", log)
 
-  # Later, anywhere: the same parameters, bit for bit.
+  # Later: the same parameters (bit for bit when both programs compile alike).
   params_again, _ = zojax.trajectory.replay(tx, params0, tx.init(params0), log)
 
 A log stores ``4 * num_queries`` bytes per step: 400 KB for 100k MeZO
