@@ -170,10 +170,24 @@ def _estimate(
     loss = jnp.mean(values)
     finite = jnp.all(jnp.isfinite(values))
   else:
-    f0 = jnp.asarray(value_fn(params), jnp.float32)
-    values = run(qkeys, jnp.full((num,), eps, jnp.float32))
-    both = _replica_mean(jnp.concatenate([values, f0[None]]), config.axis_name)
-    values, f0 = both[:num], both[num]
+    if config.vectorize:
+      f0 = jnp.asarray(value_fn(params), jnp.float32)
+      both = jnp.concatenate([f0[None], run(qkeys, jnp.full((num,), eps, jnp.float32))])
+    else:
+      # The unperturbed forward f(theta) runs as entry 0 of the queries'
+      # sequential map: evaluated outside it, its activations get buffers of
+      # their own and the step needs the memory of two forward passes.
+      def entry(args):
+        key, base = args
+        perturbed = jax.lax.cond(
+          base, lambda: params, lambda: perturbations.perturb(params, key, eps, dist, mask)
+        )
+        return jnp.asarray(value_fn(perturbed), jnp.float32)
+
+      keys0 = jnp.concatenate([qkeys[:1], qkeys])
+      both = jax.lax.map(entry, (keys0, jnp.arange(num + 1) == 0))
+    both = _replica_mean(both, config.axis_name)
+    f0, values = both[0], both[1:]
     c = (values - f0) / eps
     loss = f0
     finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(f0)
@@ -309,7 +323,7 @@ def zo_grad(
     TypeError: at construction for a seed that is neither an integer nor a
       key; at trace time for a non-floating leaf that is not masked out.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones(3)}
     >>> loss = lambda p: jnp.sum(p["w"] ** 2)
