@@ -105,7 +105,7 @@ def top_level_blocks(params: optax.Params, exclude: Collection[str] = ()) -> Any
       pass ``blocks=`` to `block_coordinate`), or ``exclude`` names an entry
       that does not exist.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from zojax.block_coordinates import top_level_blocks
     >>> params = {"params": {"layer_10": jnp.ones(2), "layer_2": jnp.ones(2),
@@ -349,7 +349,7 @@ def block_coordinate(
     TypeError: at construction if ``inner`` is not an optax transform; at
       ``init``/``update`` for a block id that is not a static int.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, zojax
     >>> from zojax.block_coordinates import block_coordinate
     >>> params = {"l0": {"w": jnp.ones((2, 2))}, "l1": {"w": jnp.ones((2, 2))}}

@@ -95,7 +95,7 @@ def signature(tree) -> list[dict[str, Any]]:
   Returns:
     A list of dicts, in `jax.tree.leaves` order.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, zojax
     >>> from zojax.checkpointing import signature
     >>> state = zojax.mezo(1e-3, num_queries=2).init({"w": jnp.zeros((3, 2))})
@@ -344,7 +344,7 @@ def restore(
     CheckpointMismatchError: (a ValueError) if the parameters, the optimizer
       state or the config differ from the checkpoint's.
 
-  Example:
+  Examples:
     >>> import tempfile
     >>> import jax.numpy as jnp, optax, orbax.checkpoint as ocp, zojax
     >>> from zojax import checkpointing

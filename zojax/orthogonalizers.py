@@ -190,7 +190,7 @@ def matrix_view(
     ValueError: if ``x.ndim < 2`` or the axes are out of range, empty or
       overlapping.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> m, back = matrix_view(jnp.zeros((3, 3, 4, 8)))  # conv HWIO kernel
     >>> m.shape, back(m).shape
@@ -458,7 +458,7 @@ def orthogonalize(
     TypeError: for a seed that is neither an integer nor a key, or a
       dimension-number entry that is not a `MuonDimensionNumbers` or None.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
     >>> tx = optax.chain(optax.trace(0.95), orthogonalize(), optax.scale(-0.02))

@@ -116,7 +116,7 @@ def master_weights(
       if no floating-point leaf is narrower than ``dtype`` (e.g. master
       weights asked for float32 parameters).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.full(4, 0.1, jnp.bfloat16)}
     >>> loss = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2)
@@ -251,7 +251,7 @@ def stochastic_rounding(seed: keys_lib.KeyLike = 0) -> optax.GradientTransformat
   Raises:
     ValueError: at init if no floating-point leaf is narrower than float32.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.full(4, 0.1, jnp.bfloat16)}
     >>> loss = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2)

@@ -99,7 +99,7 @@ def mezo(
     An `optax.GradientTransformationExtraArgs`; pass ``value_fn=`` (or
     ``batch=`` when ``loss_fn`` is bound) to ``update``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
     >>> loss = lambda p: jnp.sum((p["w"] @ jnp.ones(2) + p["b"]) ** 2)
@@ -583,7 +583,7 @@ def mezo_bcd(
   Raises:
     ValueError: see `block_coordinate` and `zojax.zo_grad`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> from zojax import mezo_bcd
     >>> params = {"l0": {"w": jnp.ones((2, 2))}, "l1": {"w": jnp.ones((2, 2))}}

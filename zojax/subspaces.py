@@ -321,7 +321,7 @@ def subspace(
       basis, anchor rank or scale; at init/trace time for dimension numbers
       that do not fit a leaf.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, zojax
     >>> params = {"kernel": jnp.ones((8, 6)), "bias": jnp.zeros(6)}
     >>> loss = lambda p: jnp.sum((jnp.ones(8) @ p["kernel"] + p["bias"]) ** 2)
