@@ -12,10 +12,7 @@ interpreter with ``--xla_force_host_platform_device_count=4``, one per group of
 presets so that pytest-xdist can run the groups side by side.
 """
 
-import functools
-import math
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -25,75 +22,7 @@ import jax.numpy as jnp
 import pytest
 
 import zojax
-
-# The compiled step's cross-device traffic, read from its HLO text.
-FORBIDDEN = ("all-gather", "collective-permute", "all-to-all", "reduce-scatter")
-_HEADER = re.compile(r"^(?:ENTRY )?%([\w.-]+) \(.*\{$")
-_ALL_REDUCE = re.compile(r"^\s*(?:ROOT )?%\S+ = (.+?) all-reduce(?:-start)?\(")
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
-_NAME = r"%([\w.-]+)"
-
-
-def hlo_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
-  """The instruction lines of each computation of an HLO module, and the entry's name."""
-  comps, entry, name = {}, None, None
-  for line in hlo.splitlines():
-    header = _HEADER.match(line)
-    if header:
-      name = header.group(1)
-      comps[name] = []
-      entry = name if line.startswith("ENTRY") else entry
-    elif line == "}":
-      name = None
-    elif name is not None:
-      comps[name].append(line)
-  return comps, entry
-
-
-def _all_reduced_floats(line: str) -> int:
-  """Elements an ``all-reduce`` (or ``all-reduce-start``) line reduces; 0 for other lines."""
-  match = _ALL_REDUCE.match(line)
-  if not match:
-    return 0
-  total = 0
-  for dtype, dims in _SHAPE.findall(match.group(1)):  # one shape, or a tuple of them
-    assert dtype.startswith(("f", "bf")), ("a non-float all-reduce", line)
-    total += math.prod(int(d) for d in dims.split(",") if d)
-  return total
-
-
-def reduced_floats(hlo: str) -> int:
-  """Floats all-reduced by one execution of a compiled HLO module.
-
-  Tuple-shaped and async (``all-reduce-start``) all-reduces count each
-  element once (``all-reduce-done`` not again), a loop body counts its known
-  trip count times, and a conditional its costliest branch, since only one
-  runs (mezo_bcd holds one branch per block).
-  """
-  comps, entry = hlo_computations(hlo)
-
-  @functools.cache
-  def cost(name):
-    total = 0
-    for line in comps[name]:
-      total += _all_reduced_floats(line)
-      for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
-        total += max(cost(b) for b in re.findall(_NAME, group))
-      branches = re.findall(r"(?:true|false)_computation=" + _NAME, line)
-      total += max((cost(b) for b in branches), default=0)
-      for body in re.findall(r"\bbody=" + _NAME, line):
-        if cost(body):
-          trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-          assert trips, ("a loop with collectives and no known trip count", line)
-          total += int(trips.group(1)) * cost(body)
-      for callee in re.findall(r"\b(?:calls|to_apply|condition)=" + _NAME, line):
-        total += cost(callee)
-      for group in re.findall(r"called_computations=\{([^}]*)\}", line):
-        total += sum(cost(c) for c in re.findall(_NAME, group))
-    return total
-
-  return cost(entry)
-
+from benchmarks.hlo import hlo_computations, reduced_floats  # cross-device traffic, from HLO
 
 SCRIPT = textwrap.dedent(
   r"""
@@ -101,7 +30,7 @@ SCRIPT = textwrap.dedent(
   import jax, jax.numpy as jnp, numpy as np, optax, chex
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   import zojax
-  from tests.test_data_parallel import FORBIDDEN, reduced_floats
+  from benchmarks.hlo import OTHER_COLLECTIVES as FORBIDDEN, reduced_floats
 
   assert jax.device_count() == 4, jax.devices()
   rng = np.random.default_rng(0)

@@ -52,7 +52,7 @@ from examples.vit_cifar100 import pretrained as pretrained_lib
 # Learning rates that work for each task when --lr is not given.
 DEFAULT_LR = {
   "digits": {
-    "mezo": 2e-3,
+    "mezo": 2.5e-4,
     "mezo_bcd": 4e-3,
     "zo_muon": 3e-2,
     "zo_mopi": 3e-2,
