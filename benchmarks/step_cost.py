@@ -1,35 +1,51 @@
-"""Step cost of every zojax preset in units of one forward pass.
+"""Step cost of every zojax preset, and of backprop, in units of one forward pass.
 
-Builds a deep MLP (``--layers`` hidden layers, so one block per layer), then
-measures, in one process and side by side, the median wall time of
+For each problem and batch size it measures, in one process and side by
+side, the median wall time of
 
-* one jitted forward pass (the loss at a batch), and
-* one jitted optimizer step (all queries, refreshes and the update; buffers
-  donated) for each preset,
+* one jitted forward pass (the loss at a batch: what every ZO query costs),
+* one jitted optimizer step of each preset (all queries, refreshes and the
+  update; parameter and state buffers donated), and
+* one jitted backprop step with Adam (``value_and_grad`` + update),
 
-and prints ``step / forward`` next to the number of forward passes the
-preset needs per step (``2`` for MeZO-style two-sided presets, ``q + 1`` for
-ZO-Muon and ZO-MOPI). A ratio close to that number means the step costs its
-forward passes and little else. Absolute times vary between machines and
-runs; only the ratios, measured in one process, are comparable.
+timed in alternation so that machine noise hits them alike, and prints
+``step / forward`` next to the forward passes the step needs (``2`` for
+MeZO-style two-sided presets, ``q + 1`` for ZO-Muon and ZO-MOPI). A ratio
+close to that number means the step costs its forward passes and little else;
+the excess is parameter-sized work (drawing directions, forming perturbed
+copies, the update). Absolute times vary between machines and runs; only the
+ratios, measured in one process, are comparable.
+
+Problems:
+
+* ``vit``: the ViT of ``examples/vit_cifar100`` with ViT-S/16's sizes (22M
+  parameters) on random images at ``--image-size`` (224 px is the real
+  setting; smaller images make the forward cheaper per parameter, the hard
+  case for a ZO step).
+* ``mlp``: a small deep tanh MLP applied per token (``--layers`` x
+  ``--width``), 0.8M parameters.
+
+Targets (the benchmarks issue): MeZO <= 2.05 forwards at batch 64 and
+<= 2.5 at batch 16; ZO-Muon <= 1.10 x (q + 1).
 
 Example:
-  python -m benchmarks.step_cost --layers 12 --width 256 --batch 64 --tokens 16
+  python -m benchmarks.step_cost --problem vit mlp --batch 16 64 --out step_cost.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
+import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import zojax
+from benchmarks import common
+
+ZO_MUON_QUERIES = 4
 
 
 def make_problem(
@@ -41,6 +57,9 @@ def make_problem(
   transformer (``2 * batch * tokens`` flops per weight), which is what sets
   the ratio of parameter-sized work (random draws, perturbations) to
   forward work in a real fine-tuning step.
+
+  Returns:
+    ``(params, loss, batch)`` with ``loss(params, batch) -> scalar``.
   """
   keys = jax.random.split(jax.random.key(seed), layers + 3)
   params = {
@@ -65,8 +84,30 @@ def make_problem(
   return params, loss, (x, y)
 
 
-def presets(num_queries: int):
-  """The presets measured, with their forward passes per step."""
+def make_vit_problem(config: str, image_size: int, batch: int, classes: int = 100, seed: int = 0):
+  """The example's ViT (``config``, e.g. ``"S/16"``) on random images; as `make_problem`."""
+  from examples.vit_cifar100 import model as model_lib
+
+  model, params = model_lib.create(config, classes, image_size, key=jax.random.key(seed))
+  # A zero head gives every query the same loss; a small random one is realistic.
+  head = params["head"]["kernel"]
+  params["head"]["kernel"] = 0.02 * jax.random.normal(jax.random.key(seed + 1), head.shape)
+  apply = model_lib.make_logits(model)
+  channels = model_lib.get_config(config).channels
+  kx, ky = jax.random.split(jax.random.key(seed + 2))
+  x = jax.random.uniform(kx, (batch, image_size, image_size, channels), minval=-1.0, maxval=1.0)
+  y = jax.random.randint(ky, (batch,), 0, classes)
+
+  def loss(p, batch_xy):
+    images, labels = batch_xy
+    logits = apply(p, images).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return params, loss, (x, y)
+
+
+def presets(num_queries: int = ZO_MUON_QUERIES) -> dict:
+  """The presets measured: name -> (transformation, forward passes per step)."""
   return {
     "mezo": (zojax.mezo(1e-3), 2),
     "mezo_bcd": (zojax.mezo_bcd(1e-3, switch_every=1), 2),
@@ -78,93 +119,160 @@ def presets(num_queries: int):
   }
 
 
-def median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+class Stepper:
+  """A jitted, buffer-donating training step that owns its parameters and state.
+
+  Args:
+    tx: the optax transformation.
+    params: initial parameters (copied).
+    loss: ``loss(params, batch) -> scalar``.
+    batch: the batch every step uses.
+    zeroth_order: whether ``tx`` takes ``value_fn=`` (else backprop gradients).
+  """
+
+  def __init__(self, tx, params, loss, batch, zeroth_order: bool = True):
+    def step(p, s, b):
+      if zeroth_order:
+        updates, s = tx.update(None, s, p, value_fn=lambda q: loss(q, b))
+      else:
+        grads = jax.grad(loss)(p, b)
+        updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s
+
+    self._step = jax.jit(step, donate_argnums=(0, 1))
+    self._batch = batch
+    self.params = jax.tree.map(jnp.copy, params)
+    self.state = tx.init(self.params)
+
+  def __call__(self):
+    self.params, self.state = self._step(self.params, self.state, self._batch)
+    return self.params
 
 
-def measure(args) -> dict:
-  params, loss, batch = make_problem(args.layers, args.width, args.batch, args.tokens)
+def measure_problem(params, loss, batch, names: Sequence[str], repeats: int, progress) -> list:
+  """Step / forward ratios of ``names`` (presets and ``"backprop"``) on one problem."""
   forward = jax.jit(loss)
-  jax.block_until_ready(forward(params, batch))
-  forward_s = median_time(lambda: forward(params, batch), args.repeats)
+  fns = {"forward": functools.partial(forward, params, batch)}
+  forwards = {}
+  table = presets()
+  for name in names:
+    if name == "backprop":
+      fns[name] = Stepper(optax.adam(1e-4), params, loss, batch, zeroth_order=False)
+      forwards[name] = 1
+    else:
+      tx, forwards[name] = table[name]
+      fns[name] = Stepper(tx, params, loss, batch)
+    progress(f"compiling {name}")
+    jax.block_until_ready(fns[name]())
+  progress("timing")
+  medians = common.interleaved_medians(fns, repeats)
   rows = []
-  for name, (tx, forwards) in presets(args.num_queries).items():
-    if args.only and name not in args.only:
-      continue
-
-    def step(p, s, b, tx=tx):
-      u, s = tx.update(None, s, p, value_fn=lambda q: loss(q, b))
-      return optax.apply_updates(p, u), s
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    state = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
-
-    def run(jitted=jitted, state=state):
-      state["p"], state["s"] = jitted(state["p"], state["s"], batch)
-      return state["p"]
-
-    compile_start = time.perf_counter()
-    jax.block_until_ready(run())
-    compile_s = time.perf_counter() - compile_start
-    for _ in range(2):
-      run()
-    # Forward and step are timed in alternation, so machine noise hits both alike.
-    step_times, forward_times = [], []
-    for _ in range(args.repeats):
-      forward_times.append(median_time(lambda: forward(params, batch), 3))
-      step_times.append(median_time(run, 1))
-    step_s = statistics.median(step_times)
-    forward_s = statistics.median(forward_times)
+  for name in names:
+    ratio = medians[name] / medians["forward"]
     rows.append(
       {
-        "preset": name,
-        "forwards_per_step": forwards,
-        "step_ms": 1e3 * step_s,
-        "forward_ms": 1e3 * forward_s,
-        "step_over_forward": step_s / forward_s,
-        "over_forwards": step_s / forward_s / forwards,
-        "first_call_s": compile_s,
+        "method": name,
+        "forwards_per_step": forwards[name],
+        "step_ms": 1e3 * medians[name],
+        "step_over_forward": ratio,
+        "over_forwards": ratio / forwards[name],
       }
     )
-    print(
-      f"{name:10s} forwards/step {forwards:3d}   step/forward {step_s / forward_s:7.2f}"
-      f"   ratio/forwards {step_s / forward_s / forwards:5.2f}",
-      flush=True,
+  return rows, 1e3 * medians["forward"]
+
+
+def targets(problem: str, batch: int, rows: list) -> list[dict]:
+  """The issue's targets that apply to these rows, each with whether it is met."""
+  by = {r["method"]: r for r in rows}
+  out = []
+  if problem == "vit" and "mezo" in by and batch in (16, 64):
+    limit = 2.05 if batch == 64 else 2.5
+    value = by["mezo"]["step_over_forward"]
+    out.append({"what": f"mezo step/forward at batch {batch}", "value": value, "limit": limit})
+  if problem == "vit" and "zo_muon" in by:
+    value = by["zo_muon"]["over_forwards"]
+    out.append(
+      {"what": f"zo_muon step/(q+1) forwards at batch {batch}", "value": value, "limit": 1.10}
     )
-  return {
-    "config": vars(args),
-    "forward_ms": 1e3 * forward_s,  # a first, separate measurement
-    "rows": rows,
-    "jax": jax.__version__,
-    "device": str(jax.devices()[0]),
-    "platform": platform.platform(),
-  }
+  for t in out:
+    t["met"] = t["value"] <= t["limit"]
+  return out
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--layers", type=int, default=12, help="hidden layers (blocks)")
-  parser.add_argument("--width", type=int, default=256, help="hidden width")
-  parser.add_argument("--batch", type=int, default=64, help="batch size")
-  parser.add_argument("--tokens", type=int, default=16, help="tokens per example")
-  parser.add_argument(
-    "--num-queries", type=int, default=4, help="queries q of ZO-Muon / ZO-MOPI (q+1 forwards)"
+def main(argv: Sequence[str] | None = None) -> dict:
+  """Runs the benchmark, prints its tables and returns the results."""
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.step_cost",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument("--repeats", type=int, default=20, help="timed repeats per step")
-  parser.add_argument("--only", nargs="*", help="measure only these presets")
-  parser.add_argument("--out", help="write the results as JSON to this path")
+  parser.add_argument("--problem", nargs="+", default=["vit", "mlp"], choices=["vit", "mlp"])
+  parser.add_argument("--batch", nargs="+", type=int, default=[16, 64], help="batch sizes")
+  parser.add_argument("--vit", default="S/16", help="ViT config of the vit problem")
+  parser.add_argument("--image-size", type=int, default=224, help="vit problem resolution")
+  parser.add_argument("--layers", type=int, default=12, help="mlp hidden layers")
+  parser.add_argument("--width", type=int, default=256, help="mlp hidden width")
+  parser.add_argument("--tokens", type=int, default=16, help="mlp tokens per example")
+  parser.add_argument(
+    "--only", nargs="+", default=None, help="methods to time (presets and/or backprop)"
+  )
+  parser.add_argument("--repeats", type=int, default=10, help="timed rounds (medians)")
+  parser.add_argument(
+    "--quick", action="store_true", help="64 px images, 5 repeats (a few minutes on 2 cores)"
+  )
+  parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
-  result = measure(args)
-  print(f"forward {result['forward_ms']:.3f} ms on {result['device']}, jax {result['jax']}")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  if args.quick:
+    args.image_size = min(args.image_size, 64)
+    args.repeats = min(args.repeats, 5)
+  names = args.only or [*presets(), "backprop"]
+  unknown = sorted(set(names) - {*presets(), "backprop"})
+  if unknown:
+    parser.error(f"unknown methods {unknown}; choose from {[*presets(), 'backprop']}")
+  results = []
+  for problem in args.problem:
+    for batch in args.batch:
+      if problem == "vit":
+        params, loss, data = make_vit_problem(args.vit, args.image_size, batch)
+        label = f"ViT-{args.vit} at {args.image_size} px, batch {batch}"
+      else:
+        params, loss, data = make_problem(args.layers, args.width, batch, args.tokens)
+        label = f"MLP {args.layers}x{args.width}, batch {batch} x {args.tokens} tokens"
+      num_params = sum(x.size for x in jax.tree.leaves(params))
+      print(f"\n{label} ({num_params / 1e6:.2f}M parameters)", flush=True)
+      rows, forward_ms = measure_problem(
+        params, loss, data, names, args.repeats, lambda m: print(f"  {m}", flush=True)
+      )
+      print(
+        common.format_table(
+          rows,
+          [
+            ("method", "method", "s"),
+            ("forwards_per_step", "forwards/step", "d"),
+            ("step_over_forward", "step/forward", ".2f"),
+            ("over_forwards", "per forward", ".2f"),
+          ],
+        ),
+        flush=True,
+      )
+      checks = targets(problem, batch, rows)
+      for t in checks:
+        verdict = "met" if t["met"] else "MISSED"
+        print(f"  target {t['what']}: {t['value']:.2f} <= {t['limit']}: {verdict}")
+      results.append(
+        {
+          "problem": problem,
+          "label": label,
+          "batch": batch,
+          "num_params": int(num_params),
+          "forward_ms": forward_ms,
+          "rows": rows,
+          "targets": checks,
+        }
+      )
+  out = {"config": vars(args), "results": results, "environment": common.environment()}
+  common.write_json(out, args.out)
+  return out
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ def test_peak_formula_and_ratios(micro_report):
     )
     assert figures["peak"] == expected
   steps = micro_report["steps"]
-  for name, figures in steps.items():
-    assert math.isclose(figures["over_inference"], figures["peak"] / micro_report["inference"]["peak"])
+  for figures in steps.values():
+    assert math.isclose(
+      figures["over_inference"], figures["peak"] / micro_report["inference"]["peak"]
+    )
   # A ZO step is far lighter than a backprop step with Adam.
   assert steps["mezo"]["peak"] < steps["fo-adam"]["peak"]
   assert steps["zo_muon"]["forwards_per_step"] == 3

@@ -105,7 +105,9 @@ def report(
   apply = model_lib.make_logits(net)
   params = _abstract(model_lib.param_shapes(model, num_classes, image_size))
   batch = {
-    "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, config.channels), jnp.float32),
+    "image": jax.ShapeDtypeStruct(
+      (batch_size, image_size, image_size, config.channels), jnp.float32
+    ),
     "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
   }
   loss = jax.jit(functools.partial(train_lib.cross_entropy, apply))
@@ -192,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   unknown = [n for n in args.optimizer if n not in optimizers.NAMES]
   if unknown:
     print(
-      f"error: unknown --optimizer {', '.join(unknown)}; choose from: {', '.join(optimizers.NAMES)}",
+      f"error: unknown --optimizer {', '.join(unknown)}; "
+      f"choose from: {', '.join(optimizers.NAMES)}",
       file=sys.stderr,
     )
     return 2

@@ -1,0 +1,110 @@
+"""What every benchmark shares: timing by medians, the run's environment, JSON output.
+
+Every figure a benchmark reports is a ratio of times (or bytes) measured in
+one process, side by side: these machines are noisy, and an absolute time
+compared across runs or machines means little.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+RESULTS_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results"
+)
+
+
+def environment() -> dict:
+  """The JAX version, backend, devices, CPU count and platform a benchmark ran on."""
+  import jaxlib
+
+  return {
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "device_kind": jax.devices()[0].device_kind,
+    "cpu_count": os.cpu_count(),
+    "python": sys.version.split()[0],
+    "platform": platform.platform(),
+  }
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Median wall time of ``fn()`` (its result blocked on) over ``repeats`` calls."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def interleaved_medians(
+  fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
+  """Median seconds of each function, timed in alternation so noise hits all alike.
+
+  Args:
+    fns: name -> zero-argument callable (its result is blocked on).
+    repeats: timed rounds; each round calls every function once.
+    warmup: untimed rounds first (compilation, caches).
+
+  Returns:
+    name -> median seconds per call.
+  """
+  for _ in range(warmup):
+    for fn in fns.values():
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def write_json(result: dict, path: str | None) -> None:
+  """Writes ``result`` (with the environment added) as indented JSON, if ``path``."""
+  if not path:
+    return
+  result = {**result, "environment": result.get("environment") or environment()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2, default=float)
+    f.write("\n")
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+  """A plain-text table.
+
+  Args:
+    rows: dicts of values.
+    columns: ``(key, header, format)`` per column, e.g. ``("ratio", "step/fwd", ".2f")``.
+
+  Returns:
+    The table, one line per row under a header line.
+  """
+  cells = [[h for _, h, _ in columns]]
+  for row in rows:
+    line = []
+    for key, _, fmt in columns:
+      value = row.get(key)
+      line.append("-" if value is None else format(value, fmt))
+    cells.append(line)
+  widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+  out = []
+  for line in cells:
+    first, *rest = line
+    out.append("  ".join([first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(rest, widths[1:])]))
+  return "\n".join(out)
