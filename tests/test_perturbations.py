@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from jax.flatten_util import ravel_pytree
 
 import zojax
-from zojax import perturbations
+from zojax import fastrandom, perturbations
 
 PARAMS = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(3), "s": jnp.zeros(())}  # d = 10
 
@@ -70,15 +70,22 @@ def test_combine_directions_is_the_weighted_sum(vectorize, distribution):
   np.testing.assert_allclose(ravel_pytree(out)[0], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_equal_shapes_drawn_as_separate_calls():
-  # Leaves of equal shape share one vmapped generator call; the values must
-  # be those of per-leaf calls with split keys.
+def test_leaves_drawn_from_split_keys():
+  # Leaf l of a direction is fastrandom's draw from split(key, L)[l], so
+  # leaves of equal shape get different values.
   params = [jnp.zeros((2, 3)), jnp.zeros(4), jnp.zeros((2, 3))]
   key = jax.random.key(4)
   z = perturbations.sample_direction(key, params)
   leaf_keys = jax.random.split(key, 3)
   for leaf, k, p in zip(z, leaf_keys, params):
-    np.testing.assert_array_equal(leaf, jax.random.normal(k, p.shape))
+    np.testing.assert_array_equal(leaf, fastrandom.normal(k, p.shape))
+  assert not np.array_equal(z[0], z[2])
+  r = perturbations.sample_direction(key, params, "rademacher")
+  np.testing.assert_array_equal(r[1], fastrandom.rademacher(leaf_keys[1], (4,)))
+  # float64 leaves (x64 mode only) would use jax.random; float32 and narrower use fastrandom.
+  half = perturbations.sample_direction(key, [jnp.zeros(4, jnp.bfloat16)])
+  expected = fastrandom.normal(jax.random.split(key, 1)[0], (4,)).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(half[0], expected)
 
 
 def test_sphere_masked_counts_only_perturbed_entries():

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zojax import fastrandom
 from zojax import keys as keys_lib
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "sphere")
@@ -150,37 +151,36 @@ def draw_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _draw(keys: jax.Array, shape, dtype, distribution: str) -> jax.Array:
-  """Draws ``len(keys)`` arrays of ``shape``: row ``j`` is the draw of ``keys[j]``."""
+def _draw(key: jax.Array, shape, dtype, distribution: str) -> jax.Array:
+  """One leaf's raw draw (Gaussian or Rademacher) in `draw_dtype` of ``dtype``.
+
+  Float32 draws use the counter-based hash of `zojax.fastrandom` (cheap,
+  elementwise, fused by XLA into the perturbation or update that consumes
+  them); wider dtypes use `jax.random`.
+  """
   dtype = draw_dtype(dtype)
-
-  def one(key):
+  if dtype == jnp.float32:
     if distribution == "rademacher":
-      return jax.random.rademacher(key, shape, dtype=dtype)
-    return jax.random.normal(key, shape, dtype=dtype)
-
-  return jax.vmap(one)(keys)
+      return fastrandom.rademacher(key, shape, dtype)
+    return fastrandom.normal(key, shape, dtype)
+  if distribution == "rademacher":
+    return jax.random.rademacher(key, shape, dtype=dtype)
+  return jax.random.normal(key, shape, dtype=dtype)
 
 
 def _raw_directions(key, params, distribution, flags) -> list[jax.Array | None]:
   """Per-leaf draws (None for masked-out leaves), sphere-normalised if asked.
 
-  Leaf ``l`` is drawn from ``split(key, L)[l]``. Leaves of equal shape and
-  dtype are drawn by one vmapped generator call (which gives the same values
-  as separate calls), so a transformer with many identical layers compiles
-  one random-number kernel per distinct shape, not one per leaf.
+  Leaf ``l`` is drawn from ``split(key, L)[l]``, each leaf by its own
+  elementwise generator so that XLA fuses it into the consumer and no
+  direction is ever held in memory.
   """
   leaves = jax.tree.leaves(params)
   all_keys = keys_lib.leaf_keys(key, params)
-  groups: dict[tuple, list[int]] = {}
-  for index, (leaf, flag) in enumerate(zip(leaves, flags)):
-    if flag:
-      groups.setdefault((jnp.shape(leaf), jnp.result_type(leaf)), []).append(index)
-  draws: list[jax.Array | None] = [None] * len(leaves)
-  for (shape, dtype), indices in groups.items():
-    block = _draw(all_keys[jnp.asarray(indices)], shape, dtype, distribution)
-    for row, index in enumerate(indices):
-      draws[index] = block[row]
+  draws: list[jax.Array | None] = [
+    _draw(all_keys[index], jnp.shape(leaf), jnp.result_type(leaf), distribution) if flag else None
+    for index, (leaf, flag) in enumerate(zip(leaves, flags))
+  ]
   if distribution == "sphere":
     live = [z for z in draws if z is not None]
     if live:
