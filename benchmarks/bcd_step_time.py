@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import zojax
+from benchmarks import common
 from benchmarks.step_cost import make_problem
 
 
@@ -155,13 +155,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--warmup", type=int, default=3, help="untimed rounds after compiling")
   parser.add_argument("--repeats", type=int, default=30, help="timed rounds (medians reported)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--quick", action="store_true", help="10 timed rounds")
   parser.add_argument("--out", help="write the results as JSON to this path")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.repeats = min(args.repeats, 10)
   result = measure(args)
+  result["environment"] = common.environment()
   print_table(result)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+  common.write_json(result, args.out)
   return result
 
 

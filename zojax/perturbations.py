@@ -26,6 +26,7 @@ returning one); masked-out leaves are left untouched and get zero updates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -168,19 +169,37 @@ def _draw(key: jax.Array, shape, dtype, distribution: str) -> jax.Array:
   return jax.random.normal(key, shape, dtype=dtype)
 
 
+# Leaves with fewer entries than this are drawn in groups of equal shape by one
+# vmapped generator call (fewer kernels to compile; the group's draws are held
+# at once, which costs little for small leaves). Larger leaves are drawn one by
+# one, so XLA fuses each draw into its consumer and never holds the direction.
+GROUP_BELOW = 1 << 13
+
+
 def _raw_directions(key, params, distribution, flags) -> list[jax.Array | None]:
   """Per-leaf draws (None for masked-out leaves), sphere-normalised if asked.
 
-  Leaf ``l`` is drawn from ``split(key, L)[l]``, each leaf by its own
-  elementwise generator so that XLA fuses it into the consumer and no
-  direction is ever held in memory.
+  Leaf ``l`` is drawn from ``split(key, L)[l]`` (grouping small leaves of
+  equal shape into one vmapped call gives the same values).
   """
   leaves = jax.tree.leaves(params)
   all_keys = keys_lib.leaf_keys(key, params)
-  draws: list[jax.Array | None] = [
-    _draw(all_keys[index], jnp.shape(leaf), jnp.result_type(leaf), distribution) if flag else None
-    for index, (leaf, flag) in enumerate(zip(leaves, flags))
-  ]
+  draws: list[jax.Array | None] = [None] * len(leaves)
+  groups: dict[tuple, list[int]] = {}
+  for index, (leaf, flag) in enumerate(zip(leaves, flags)):
+    if not flag:
+      continue
+    shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+    if math.prod(shape) >= GROUP_BELOW:
+      draws[index] = _draw(all_keys[index], shape, dtype, distribution)
+    else:
+      groups.setdefault((shape, dtype), []).append(index)
+  for (shape, dtype), indices in groups.items():
+    block = jax.vmap(lambda k, s=shape, d=dtype: _draw(k, s, d, distribution))(
+      all_keys[jnp.asarray(indices)]
+    )
+    for row, index in enumerate(indices):
+      draws[index] = block[row]
   if distribution == "sphere":
     live = [z for z in draws if z is not None]
     if live:
