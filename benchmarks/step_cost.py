@@ -21,7 +21,8 @@ Problems:
 * ``vit``: the ViT of ``examples/vit_cifar100`` with ViT-S/16's sizes (22M
   parameters) on random images at ``--image-size`` (224 px is the real
   setting; smaller images make the forward cheaper per parameter, the hard
-  case for a ZO step).
+  case for a ZO step). ``--quick`` keeps S/16's widths but 4 of its 12
+  blocks and 64 px images, so that every step compiles in seconds.
 * ``mlp``: a small deep tanh MLP applied per token (``--layers`` x
   ``--width``), 0.8M parameters.
 
@@ -84,16 +85,32 @@ def make_problem(
   return params, loss, (x, y)
 
 
-def make_vit_problem(config: str, image_size: int, batch: int, classes: int = 100, seed: int = 0):
-  """The example's ViT (``config``, e.g. ``"S/16"``) on random images; as `make_problem`."""
+def make_vit_problem(
+  config: str,
+  image_size: int,
+  batch: int,
+  classes: int = 100,
+  seed: int = 0,
+  num_layers: int | None = None,
+):
+  """The example's ViT (``config``, e.g. ``"S/16"``) on random images; as `make_problem`.
+
+  ``num_layers`` overrides the config's depth (same widths), to keep compile
+  times short in quick runs.
+  """
+  import dataclasses
+
   from examples.vit_cifar100 import model as model_lib
 
+  config = model_lib.get_config(config)
+  if num_layers is not None:
+    config = dataclasses.replace(config, num_layers=num_layers)
   model, params = model_lib.create(config, classes, image_size, key=jax.random.key(seed))
   # A zero head gives every query the same loss; a small random one is realistic.
   head = params["head"]["kernel"]
   params["head"]["kernel"] = 0.02 * jax.random.normal(jax.random.key(seed + 1), head.shape)
   apply = model_lib.make_logits(model)
-  channels = model_lib.get_config(config).channels
+  channels = config.channels
   kx, ky = jax.random.split(jax.random.key(seed + 2))
   x = jax.random.uniform(kx, (batch, image_size, image_size, channels), minval=-1.0, maxval=1.0)
   y = jax.random.randint(ky, (batch,), 0, classes)
@@ -210,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--batch", nargs="+", type=int, default=[16, 64], help="batch sizes")
   parser.add_argument("--vit", default="S/16", help="ViT config of the vit problem")
   parser.add_argument("--image-size", type=int, default=224, help="vit problem resolution")
+  parser.add_argument(
+    "--vit-layers", type=int, default=None, help="encoder blocks of the vit problem (config's)"
+  )
   parser.add_argument("--layers", type=int, default=12, help="mlp hidden layers")
   parser.add_argument("--width", type=int, default=256, help="mlp hidden width")
   parser.add_argument("--tokens", type=int, default=16, help="mlp tokens per example")
@@ -218,13 +238,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
   )
   parser.add_argument("--repeats", type=int, default=10, help="timed rounds (medians)")
   parser.add_argument(
-    "--quick", action="store_true", help="64 px images, 5 repeats (a few minutes on 2 cores)"
+    "--quick",
+    action="store_true",
+    help="4 encoder blocks at 64 px, 5 repeats (a few minutes on 2 cores)",
   )
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
   if args.quick:
     args.image_size = min(args.image_size, 64)
     args.repeats = min(args.repeats, 5)
+    args.vit_layers = args.vit_layers or 4
   names = args.only or [*presets(), "backprop"]
   unknown = sorted(set(names) - {*presets(), "backprop"})
   if unknown:
@@ -233,8 +256,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for problem in args.problem:
     for batch in args.batch:
       if problem == "vit":
-        params, loss, data = make_vit_problem(args.vit, args.image_size, batch)
-        label = f"ViT-{args.vit} at {args.image_size} px, batch {batch}"
+        params, loss, data = make_vit_problem(
+          args.vit, args.image_size, batch, num_layers=args.vit_layers
+        )
+        depth = f" ({args.vit_layers} blocks)" if args.vit_layers else ""
+        label = f"ViT-{args.vit}{depth} at {args.image_size} px, batch {batch}"
       else:
         params, loss, data = make_problem(args.layers, args.width, batch, args.tokens)
         label = f"MLP {args.layers}x{args.width}, batch {batch} x {args.tokens} tokens"
