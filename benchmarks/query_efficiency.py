@@ -30,11 +30,17 @@ What is measured, per method:
 How it runs fast. Each method's step is compiled once and every (learning
 rate, seed) run of that method is trained together under `jax.vmap` over
 stacked parameters, optimizer states and batches, ``eval_every`` steps at a
-time inside one `jax.lax.scan`. This relies on two properties, both checked
-numerically at start-up for every method (printed and stored; skipped under
-``--quick`` unless ``--checks``, as the checks compile three more programs
-per method; on 2 CPU cores every check passed, linearity to a relative
-1e-7 and seeding bit for bit):
+time inside one `jax.lax.scan`. (ZO-Muon, ZO-MOPI and SubZero use
+`jax.lax.map` over the runs instead, the same numbers: with jax 0.10.2 on
+CPU their vmapped step hangs, idle, apparently in the QR of the basis
+refresh, which sits in a `jax.lax.cond` that vmap turns into a select; see
+``--batching``.)
+
+This relies on two properties, both checked numerically at start-up for
+every method (printed and stored; skipped under ``--quick`` unless
+``--checks``, as the checks compile three more programs per method; on 2
+CPU cores every check passed, linearity to a relative 1e-7 and seeding bit
+for bit):
 
 * linearity in the learning rate: every preset ends its chain with
   ``scale_by_learning_rate`` (ZO-Muon and ZO-MOPI scale matrices by ``lr``
@@ -104,6 +110,11 @@ PAPER = {"queries": 0.247, "time": 0.70}  # ZO-Muon paper, relative to MeZO
 MODEL = "digits"
 IMAGE_SIZE = 8
 NUM_CLASSES = 10
+# Methods whose vmapped step hangs on CPU with jax 0.10.2 (ZO-Muon's: the orthonormal basis
+# refresh, a QR inside a lax.cond that vmap turns into a select, never finishes, idle; with
+# refresh_every=None it runs; SubZero's hung inside the scan): their runs share the compiled
+# step through jax.lax.map instead.
+MAP_METHODS = ("zo_muon", "zo_mopi", "subzero")
 PRETRAIN_BATCH = 64  # the example's batch size; pretraining is the same in every setting
 # Settings of a full run and of --quick (flags given explicitly override either).
 FULL = {
@@ -247,6 +258,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     help="run the linearity and seed checks (default: on, off with --quick: they compile "
     "three more programs per method)",
   )
+  p.add_argument(
+    "--batching",
+    choices=["auto", "vmap", "map"],
+    default="auto",
+    help="how the runs of a method share a step: jax.vmap, jax.lax.map, or auto (lax.map "
+    f"for {', '.join(MAP_METHODS)}, whose vmapped step hangs on CPU, vmap for the rest)",
+  )
   p.add_argument("--out-dir", default=None, help="write query_efficiency.json and .png here")
   args = p.parse_args(argv)
   if args.checks is None:
@@ -351,13 +369,15 @@ def single_step(apply, tx, zeroth_order: bool):
   return step
 
 
-def make_chunk(apply, tx, zeroth_order: bool):
+def make_chunk(apply, tx, zeroth_order: bool, batching: str = "vmap"):
   """The jitted, donating ``(params, states, lrs, xs, ys, idx) -> (params, states, losses)``.
 
   Every argument has a leading run axis except ``idx``, ``(steps, runs,
-  batch)``: ``steps`` vmapped steps run inside one `jax.lax.scan`. ``tx`` is
-  the optimizer built with learning rate 1; each run's updates are scaled by
-  its ``lrs`` entry. ``losses`` is the ``(runs,)`` loss of the last step.
+  batch)``: ``steps`` steps of all runs run inside one `jax.lax.scan`, the
+  runs of a step under `jax.vmap` (``batching="vmap"``) or one after the
+  other under `jax.lax.map` (``"map"``, the same numbers). ``tx`` is the
+  optimizer built with learning rate 1; each run's updates are scaled by its
+  ``lrs`` entry. ``losses`` is the ``(runs,)`` loss of the last step.
   """
   step = single_step(apply, tx, zeroth_order)
 
@@ -366,7 +386,12 @@ def make_chunk(apply, tx, zeroth_order: bool):
     updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     return optax.apply_updates(params, updates), state, loss
 
-  vstep = jax.vmap(one_run)
+  if batching == "vmap":
+    vstep = jax.vmap(one_run)
+  elif batching == "map":
+    vstep = lambda *args: jax.lax.map(lambda a: one_run(*a), args)
+  else:
+    raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")
 
   def chunk(params, states, lrs, xs, ys, idx):
     def body(carry, idx_t):
@@ -452,6 +477,7 @@ def run_method(
   budget: int,
   eval_every: int,
   log,
+  batching: str = "vmap",
 ) -> dict:
   """Trains every (learning rate, seed) run of ``method`` together; returns its curves.
 
@@ -480,7 +506,7 @@ def run_method(
   test_x = jnp.asarray(np.stack([d.test_x for d in run_seed]))
   test_y = jnp.asarray(np.stack([d.test_y for d in run_seed]))
   order = np.stack([d.order[:steps] for d in run_seed], axis=1)  # (steps, runs, batch)
-  chunk = make_chunk(apply, unit.tx, unit.zeroth_order)
+  chunk = make_chunk(apply, unit.tx, unit.zeroth_order, batching)
   evaluate = make_evaluate(apply)
 
   forwards = [0]
@@ -581,6 +607,7 @@ def summarize(
         "final_mean": float(curve[:, -1].mean()),
         "final_min": float(curve[:, -1].min()),
         "final_max": float(curve[:, -1].max()),
+        "batching": r["batching"],
         "compile_seconds": r["compile_seconds"],
         "vmapped_run_seconds": r["run_seconds"],
       }
@@ -773,8 +800,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for m in methods:
     lrs[m.label] = [float(f"{m.default_lr * f:.4g}") for f in args.lr_factors]
     budget = args.fo_budget if m.name in optimizers.FIRST_ORDER else args.forward_budget
-    log(f"{m.label}: lrs {lrs[m.label]}, seeds {args.seeds}, {budget} forwards, vmapped")
-    runs[m.label] = run_method(m, apply, data, lrs[m.label], budget, args.eval_every, log)
+    batching = args.batching
+    if batching == "auto":
+      batching = "map" if m.name in MAP_METHODS else "vmap"
+    log(
+      f"{m.label}: lrs {lrs[m.label]}, seeds {args.seeds}, {budget} forwards, runs batched by "
+      f"{batching}"
+    )
+    runs[m.label] = run_method(m, apply, data, lrs[m.label], budget, args.eval_every, log, batching)
+    runs[m.label]["batching"] = batching
     log(
       f"  {m.label}: compile {runs[m.label]['compile_seconds']:.1f} s, "
       f"{len(lrs[m.label]) * len(args.seeds)} runs in {runs[m.label]['run_seconds']:.1f} s"
