@@ -108,3 +108,64 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
     first, *rest = line
     out.append("  ".join([first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(rest, widths[1:])]))
   return "\n".join(out)
+
+
+def bar_chart(
+  panels: Sequence[dict], path: str | None, ylabel: str, reference_label: str | None = None
+) -> None:
+  """Writes a row of bar charts as a PNG, if ``path``.
+
+  Args:
+    panels: one dict per chart: ``title``, ``values`` (label -> bar height)
+      and optionally ``reference`` (label -> a value drawn as a black tick on
+      that bar, e.g. the forward passes a step evaluates) and ``limit`` (a
+      horizontal dashed line, e.g. a target).
+    path: the PNG's path (None: nothing is written).
+    ylabel: the y axis label of the first chart.
+    reference_label: the legend entry of the ticks.
+  """
+  if not path or not panels:
+    return
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(
+    1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, constrained_layout=True
+  )
+  for ax, panel in zip(axes[0], panels):
+    labels = list(panel["values"])
+    heights = [panel["values"][k] for k in labels]
+    ax.bar(range(len(labels)), heights, color="tab:blue")
+    for i, h in enumerate(heights):
+      ax.annotate(f"{h:.2f}", (i, h), ha="center", va="bottom", fontsize=7)
+    reference = panel.get("reference") or {}
+    ticks = [(i, reference[k]) for i, k in enumerate(labels) if k in reference]
+    if ticks:
+      ax.scatter(
+        [i for i, _ in ticks],
+        [v for _, v in ticks],
+        marker="_",
+        s=300,
+        color="black",
+        label=reference_label,
+        zorder=3,
+      )
+      if reference_label:
+        ax.legend(fontsize=7, loc="upper left")
+    if panel.get("limit") is not None:
+      ax.axhline(panel["limit"], color="tab:red", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_title(panel["title"], fontsize=9)
+  axes[0][0].set_ylabel(ylabel)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def png_path(json_path: str | None) -> str | None:
+  """The PNG written beside a JSON result (``x.json`` -> ``x.png``), or None."""
+  if not json_path:
+    return None
+  return os.path.splitext(json_path)[0] + ".png"

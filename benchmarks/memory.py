@@ -196,6 +196,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "environment": common.environment(),
   }
   common.write_json(out, args.out)
+  panels = [
+    {
+      "title": f"XLA peak, ViT-{args.model} {args.image_size} px batch {args.batch_size}",
+      "values": {r["mode"]: r["xla_over_inference"] for r in rows},
+      "limit": 1.2,
+    }
+  ]
+  if rss:
+    panels.append(
+      {
+        "title": "peak RSS added by the step",
+        "values": {r["mode"]: r["rss_over_inference"] for r in rows},
+        "limit": 1.2,
+      }
+    )
+  common.bar_chart(panels, common.png_path(args.out), "x inference (dashed: 1.2x target)")
   return out
 
 

@@ -154,7 +154,8 @@ class Method:
 
   def make(self, learning_rate: float, seed: int = 0) -> optimizers.Optimizer:
     """The example's optimizer at ``learning_rate`` with these overrides."""
-    return optimizers.make(self.name, learning_rate, seed=seed, **dict(self.overrides))
+    knobs = {"rank": train_lib.DEFAULT_RANK["digits"].get(self.name), **dict(self.overrides)}
+    return optimizers.make(self.name, learning_rate, seed=seed, **knobs)
 
   @property
   def default_lr(self) -> float:
@@ -778,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.checks:
     log("checks: lr * update(lr=1) == update(lr); seed-0 update from a seed-1 state == seed 1")
   else:
-    log("checks skipped (--quick); run with --checks to verify linearity and seeding")
+    log("checks skipped (--quick or --no-checks); --checks verifies linearity and seeding")
   for m in methods if args.checks else ():
     checks[m.label] = check_method(m, apply, data[0])
     c = checks[m.label]
