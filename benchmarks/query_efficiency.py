@@ -11,8 +11,8 @@ settings), with first-order Adam as the ceiling.
 
 What is measured, per method:
 
-* an equal-sized learning-rate grid (the example's default digits learning
-  rate times ``--lr-factors``), each learning rate with ``--seeds`` seeds;
+* an equal-sized learning-rate grid (the method's `CENTRE` learning rate
+  times ``--lr-factors``), each learning rate with ``--seeds`` seeds;
 * the test accuracy on the full test split every ``--eval-every`` forward
   passes (rounded to whole steps), up to ``--forward-budget`` forward passes
   (rounded down to whole evaluation intervals; ``--fo-budget`` for Adam,
@@ -64,18 +64,21 @@ alternation (`common.interleaved_medians`); seconds to reach a target are
 steps to reach it times that median step time. Like every figure here, they
 are only comparable within one run of the benchmark.
 
-Settings. The full setting (the default) is the example's: batch 64, 600
-pretraining steps, five learning rates (x0.25 to x4 of the default), 20000
-forward passes per ZO run; it takes hours on 2 CPU cores, where one forward
-pass of this ViT at batch 64 costs about 7 ms. ``--quick`` is a smoke-scale
-run for `benchmarks.all` (about 8 minutes on 2 cores): batch 16, 300
-pretraining steps, three learning rates (x0.5, x1, x2), 2000 forward passes
-per ZO run (500 Adam steps). Its figures are early-training figures and say
-little about the asymptotic query efficiency the issue is about.
+Settings. Fine-tuning runs at batch 16 from 300 Adam pretraining steps; each
+method's grid is its `CENTRE` learning rate times x0.5, x1 and x2 (centres
+from coarse sweeps at this batch size over x1/32 to x2 of the example's
+batch-64 defaults: at batch 16 MeZO, LOZO and ZO-MOPI diverge at those
+defaults). The full setting (the default, about 35 minutes on 2 CPU cores)
+gives every ZO run 10000 forward passes and Adam 1000 steps; ``--quick``, for
+`benchmarks.all` (about 8 minutes), gives 2000 forward passes (Adam 500
+steps). The quick figures are early-training figures: within 2000 forwards
+every method is still near the accuracy the pretrained features give for
+digits 0-4 (about 0.5), so they say little about the query efficiency the
+issue is about; the full run does.
 
 Example:
   python -m benchmarks.query_efficiency --quick --out-dir /tmp/qe
-  python -m benchmarks.query_efficiency --forward-budget 20000 --seeds 0 1 2 --out-dir /tmp/qe
+  python -m benchmarks.query_efficiency --variant zo_muon:rank=64 --out-dir /tmp/qe
   python -m benchmarks.query_efficiency --methods mezo zo_muon \\
     --variant zo_muon:num_queries=8,rank=16 --out-dir /tmp/qe
 """
@@ -112,19 +115,32 @@ IMAGE_SIZE = 8
 NUM_CLASSES = 10
 # Methods whose vmapped step hangs on CPU with jax 0.10.2 (ZO-Muon's: the orthonormal basis
 # refresh, a QR inside a lax.cond that vmap turns into a select, never finishes, idle; with
-# refresh_every=None it runs; SubZero's hung inside the scan): their runs share the compiled
-# step through jax.lax.map instead.
-MAP_METHODS = ("zo_muon", "zo_mopi", "subzero")
+# refresh_every=None it runs; SubZero's hung inside the scan), or is slower than one run at a
+# time (MeZO-BCD's block switch becomes a select over every block): their runs share the
+# compiled step through jax.lax.map instead.
+MAP_METHODS = ("zo_muon", "zo_mopi", "subzero", "mezo_bcd")
+# Each method's grid centre at batch 16 (coarse sweeps, see the module docstring).
+CENTRE = {
+  "mezo": 6.25e-5,
+  "mezo_bcd": 2.5e-4,
+  "zo_muon": 3e-2,
+  "zo_mopi": 7.5e-3,
+  "lozo": 6.25e-5,
+  "lozo_m": 6.25e-5,
+  "subzero": 1.25e-4,
+  "fo-adam": 2e-3,
+  "fo-muon": 2e-2,
+}
 PRETRAIN_BATCH = 64  # the example's batch size; pretraining is the same in every setting
 # Settings of a full run and of --quick (flags given explicitly override either).
 FULL = {
-  "lr_factors": [0.25, 0.5, 1.0, 2.0, 4.0],
-  "forward_budget": 20000,
-  "fo_budget": 5000,
+  "lr_factors": [0.5, 1.0, 2.0],
+  "forward_budget": 10000,
+  "fo_budget": 1000,
   "eval_every": 500,
-  "batch_size": 64,
-  "pretrain_steps": 600,
-  "timing_repeats": 30,
+  "batch_size": 16,
+  "pretrain_steps": 300,
+  "timing_repeats": 10,
 }
 QUICK = {
   "lr_factors": [0.5, 1.0, 2.0],
@@ -159,7 +175,8 @@ class Method:
 
   @property
   def default_lr(self) -> float:
-    return train_lib.DEFAULT_LR["digits"][self.name]
+    """The centre of this method's learning-rate grid (`CENTRE`)."""
+    return CENTRE[self.name]
 
 
 def parse_variant(text: str) -> Method:
@@ -203,7 +220,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     nargs="+",
     type=float,
     default=None,
-    help="the grid: each method's default digits learning rate times these "
+    help="the grid: each method's CENTRE learning rate times these "
     f"(default {FULL['lr_factors']}, quick {QUICK['lr_factors']})",
   )
   p.add_argument(
@@ -264,7 +281,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     choices=["auto", "vmap", "map"],
     default="auto",
     help="how the runs of a method share a step: jax.vmap, jax.lax.map, or auto (lax.map "
-    f"for {', '.join(MAP_METHODS)}, whose vmapped step hangs on CPU, vmap for the rest)",
+    f"for {', '.join(MAP_METHODS)}, whose vmapped step stalls or is slower on CPU; vmap for "
+    "the rest)",
   )
   p.add_argument("--out-dir", default=None, help="write query_efficiency.json and .png here")
   args = p.parse_args(argv)
