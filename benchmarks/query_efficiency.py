@@ -121,12 +121,12 @@ NUM_CLASSES = 10
 MAP_METHODS = ("zo_muon", "zo_mopi", "subzero", "mezo_bcd")
 # Each method's grid centre at batch 16 (coarse sweeps, see the module docstring).
 CENTRE = {
-  "mezo": 6.25e-5,
+  "mezo": 1.25e-4,
   "mezo_bcd": 2.5e-4,
   "zo_muon": 3e-2,
   "zo_mopi": 7.5e-3,
-  "lozo": 6.25e-5,
-  "lozo_m": 6.25e-5,
+  "lozo": 1.25e-4,
+  "lozo_m": 1.25e-4,
   "subzero": 1.25e-4,
   "fo-adam": 2e-3,
   "fo-muon": 2e-2,
