@@ -57,6 +57,21 @@ def _summary(name: str, result: dict) -> str:
     )
   if name == "bcd_step_time":
     return f"MeZO / MeZO-BCD step time {result['mezo_over_mezo_bcd']:.2f}x"
+  if name == "torch_mezo":
+    return "torch / zojax MeZO step: " + ", ".join(
+      f"batch {r['batch']} {r['speedup']:.2f}x" for r in result["rows"]
+    )
+  if name == "low_precision":
+    return "fp32 moves kept: " + ", ".join(
+      f"lr {r['learning_rate']:g} {r['method']} {r['fp32_moves_kept']:.2f}"
+      for r in result["rows"]
+      if r["method"] != "fp32_reference"
+    )
+  if name == "data_parallel_bytes":
+    jit = [r for r in result["rows"] if r["mode"] == "jit"]
+    return "bytes all-reduced per step (jit): " + ", ".join(
+      f"{r['method']} {r['bytes_all_reduced']}" for r in jit
+    )
   targets = result.get("targets")
   if targets:
     return "; ".join(
