@@ -74,11 +74,35 @@ def interleaved_medians(
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable(value: Any) -> Any:
+  """``value`` with absolute file paths made relative to the repository (else their name).
+
+  Results are committed under ``docs/``; the paths a run was given on one
+  machine mean nothing on another.
+  """
+  if isinstance(value, dict):
+    return {k: portable(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [portable(v) for v in value]
+  if isinstance(value, str) and os.path.isabs(value) and os.sep in value:
+    inside = os.path.commonpath([_ROOT, os.path.abspath(value)]) == _ROOT
+    return os.path.relpath(value, _ROOT) if inside else os.path.basename(value)
+  return value
+
+
 def write_json(result: dict, path: str | None) -> None:
-  """Writes ``result`` (with the environment added) as indented JSON, if ``path``."""
+  """Writes ``result`` (with the environment added) as indented JSON, if ``path``.
+
+  The ``config`` entry's absolute paths are made portable (`portable`).
+  """
   if not path:
     return
   result = {**result, "environment": result.get("environment") or environment()}
+  if "config" in result:
+    result["config"] = portable(result["config"])
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(result, f, indent=2, default=float)

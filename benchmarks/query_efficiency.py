@@ -70,7 +70,7 @@ from coarse sweeps at this batch size over x1/32 to x2 of the example's
 batch-64 defaults: at batch 16 MeZO, LOZO and ZO-MOPI diverge at those
 defaults). The full setting (the default, about 35 minutes on 2 CPU cores)
 gives every ZO run 10000 forward passes and Adam 1000 steps; ``--quick``, for
-`benchmarks.all` (about 8 minutes), gives 2000 forward passes (Adam 500
+`benchmarks.all` (about 6 minutes), gives 1000 forward passes (Adam 250
 steps). The quick figures are early-training figures: within 2000 forwards
 every method is still near the accuracy the pretrained features give for
 digits 0-4 (about 0.5), so they say little about the query efficiency the
@@ -144,8 +144,8 @@ FULL = {
 }
 QUICK = {
   "lr_factors": [0.5, 1.0, 2.0],
-  "forward_budget": 2000,
-  "fo_budget": 500,
+  "forward_budget": 1000,
+  "fo_budget": 250,
   "eval_every": 250,
   "batch_size": 16,
   "pretrain_steps": 300,
@@ -267,7 +267,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument(
     "--quick",
     action="store_true",
-    help="the quick settings above (a smoke-scale run, about 8 minutes on 2 CPU cores)",
+    help="the quick settings above (a smoke-scale run, about 6 minutes on 2 CPU cores)",
   )
   p.add_argument(
     "--checks",
