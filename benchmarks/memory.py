@@ -1,16 +1,21 @@
 """Memory of a ZO step against inference and backprop, on the example's ViT.
 
 Two measurements per mode (an inference forward: the loss at a batch; a ZO
-step of each preset; a backprop step with Adam):
+step of each preset; a backprop step with Adam), both taken in one fresh
+process per mode from one compilation:
 
 * XLA's compiled memory analysis of the jitted, buffer-donating step
   (arguments + outputs - aliased + temporaries, see
-  ``examples/vit_cifar100/memory.py``), compiled from shapes alone.
-* Peak resident memory (RSS) that running the step adds, in a fresh process:
-  the parameters, batch and optimizer state are built and the step is
-  compiled ahead of time; then the RSS, sampled every millisecond while the
-  step runs three times, is compared with the RSS just before. (A sampled
-  peak can miss a spike shorter than the sampling interval.)
+  ``examples/vit_cifar100/memory.py``).
+* Peak resident memory (RSS) that running the step adds: the parameters,
+  batch and optimizer state are built and the step is compiled ahead of
+  time; then the RSS, sampled every millisecond while the step runs
+  ``--runs`` times (once by default: the first run already holds every
+  buffer a later one would), is compared with the RSS just before. (A
+  sampled peak can miss a spike shorter than the sampling interval.)
+
+With ``--no-rss`` nothing runs: the programs are compiled from shapes alone
+in this process, for their memory analysis only.
 
 Both are reported as ratios to the inference forward's figure, measured in
 the same run. Targets (the benchmarks issue, ViT at batch 64): ZO step <=
@@ -38,14 +43,14 @@ from benchmarks import common
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs one mode in a fresh process and prints, in bytes, the RSS before the
-# compiled step first runs and the highest RSS sampled (every millisecond)
-# while it runs three times. Compiling happens before, ahead of time, and the
-# allocator is asked to return the compiler's freed memory to the system.
-_RSS_PROGRAM = """
+# Runs one mode in a fresh process: compiles its program once, ahead of time,
+# and prints that executable's memory analysis, the RSS before the step first
+# runs and the highest RSS sampled (every millisecond) while it runs. The
+# allocator is asked to return the compiler's freed memory to the system first.
+_PROGRAM = """
 import ctypes, gc, json, resource, sys, threading, time
 import jax, jax.numpy as jnp, numpy as np
-from examples.vit_cifar100 import model as model_lib, optimizers, train
+from examples.vit_cifar100 import memory as vit_memory, model as model_lib, optimizers, train
 cfg = json.loads(sys.argv[1])
 page = resource.getpagesize()
 
@@ -60,16 +65,20 @@ shape = (cfg["batch_size"], cfg["image_size"], cfg["image_size"], channels)
 batch = {"image": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32),
          "label": jnp.zeros((cfg["batch_size"],), jnp.int32)}
 if cfg["mode"] == "inference":
-  fn = jax.jit(lambda p, b: train.cross_entropy(apply, p, b)).lower(params, batch).compile()
-  run = lambda: fn(params, batch)
+  compiled = jax.jit(lambda p, b: train.cross_entropy(apply, p, b)).lower(params, batch).compile()
+  run = lambda: compiled(params, batch)
+  forwards = 1
 else:
-  opt = optimizers.make(cfg["mode"], 1e-4)
+  queries = cfg["num_queries"] if cfg["mode"] in vit_memory.QUERY_PRESETS else None
+  opt = optimizers.make(cfg["mode"], 1e-4, num_queries=queries)
+  forwards = opt.forwards_per_step
   state = opt.tx.init(params)
-  step = train.make_train_step(apply, opt).lower(params, state, batch).compile()
+  compiled = train.make_train_step(apply, opt).lower(params, state, batch).compile()
   holder = [params, state]
   def run():
-    holder[0], holder[1], _ = step(holder[0], holder[1], batch)
+    holder[0], holder[1], _ = compiled(holder[0], holder[1], batch)
     return holder[0]
+analysis = vit_memory.analysis_bytes(compiled)
 gc.collect()
 try:
   ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -84,20 +93,50 @@ def sample():
     time.sleep(0.001)
 thread = threading.Thread(target=sample)
 thread.start()
-for _ in range(3):
+for _ in range(cfg["runs"]):
   jax.block_until_ready(run())
 done.set()
 thread.join()
 peak[0] = max(peak[0], rss_now())
-print(json.dumps({"before": before, "peak": peak[0]}))
+print(json.dumps({"before": before, "peak": peak[0], "analysis": analysis,
+                  "forwards_per_step": forwards, "num_params": model_lib.num_params(params),
+                  "backend": jax.default_backend(), "jax": jax.__version__}))
 """
 
 
-def peak_rss(mode: str, model: str, image_size: int, batch_size: int) -> dict:
-  """Peak RSS a fresh process adds by compiling and running ``mode`` (see module doc)."""
-  cfg = {"mode": mode, "model": model, "image_size": image_size, "batch_size": batch_size}
+def measure_mode(
+  mode: str,
+  model: str,
+  image_size: int,
+  batch_size: int,
+  num_queries: int | None = None,
+  runs: int = 1,
+) -> dict:
+  """Compiles and runs ``mode`` in a fresh process (see module doc).
+
+  Args:
+    mode: ``"inference"`` or a name from the example's `optimizers.NAMES`.
+    model: ViT config name.
+    image_size: input resolution.
+    batch_size: images per step.
+    num_queries: directions per step of ZO-Muon / ZO-MOPI (None: preset's).
+    runs: how many times the step runs while the RSS is sampled.
+
+  Returns:
+    ``{"before", "peak", "added"}`` RSS bytes, ``"analysis"`` (the
+    executable's memory figures, as `examples.vit_cifar100.memory.analysis_bytes`),
+    ``"forwards_per_step"``, ``"num_params"``, ``"backend"`` and ``"jax"``.
+  """
+  cfg = {
+    "mode": mode,
+    "model": model,
+    "image_size": image_size,
+    "batch_size": batch_size,
+    "num_queries": num_queries,
+    "runs": runs,
+  }
   proc = subprocess.run(
-    [sys.executable, "-c", _RSS_PROGRAM, json.dumps(cfg)],
+    [sys.executable, "-c", _PROGRAM, json.dumps(cfg)],
     cwd=_ROOT,
     capture_output=True,
     text=True,
@@ -108,6 +147,36 @@ def peak_rss(mode: str, model: str, image_size: int, batch_size: int) -> dict:
   figures = json.loads(proc.stdout.strip().splitlines()[-1])
   figures["added"] = figures["peak"] - figures["before"]
   return figures
+
+
+def xla_report(measured: dict, model: str, image_size: int, batch_size: int, num_queries) -> dict:
+  """`measure_mode` results in the shape of `examples.vit_cifar100.memory.report`."""
+  inference = measured["inference"]["analysis"]
+  steps = {}
+  for mode, figures in measured.items():
+    if mode == "inference":
+      continue
+    steps[mode] = {
+      **figures["analysis"],
+      "over_inference": figures["analysis"]["peak"] / inference["peak"],
+      "forwards_per_step": figures["forwards_per_step"],
+    }
+  return {
+    "config": {
+      "model": model,
+      "image_size": image_size,
+      "batch_size": batch_size,
+      "num_classes": 100,
+      "num_queries": num_queries,
+      "rank": None,
+      "refresh_every": None,
+    },
+    "backend": measured["inference"]["backend"],
+    "jax": measured["inference"]["jax"],
+    "num_params": measured["inference"]["num_params"],
+    "inference": inference,
+    "steps": steps,
+  }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -129,7 +198,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     help="ZO presets and backprop baselines (fo-adam, fo-muon) to measure (default: mezo "
     "zo_muon lozo subzero fo-adam; with --quick mezo zo_muon fo-adam)",
   )
-  parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+  parser.add_argument(
+    "--num-queries",
+    type=int,
+    default=None,
+    help="directions per step of ZO-Muon / ZO-MOPI (default: the preset's); the queries run "
+    "one after another, so the step's memory does not depend on it",
+  )
+  parser.add_argument(
+    "--runs", type=int, default=1, help="times each step runs while its RSS is sampled"
+  )
+  parser.add_argument(
+    "--no-rss",
+    action="store_true",
+    help="compile from shapes in this process, memory analysis only (nothing runs)",
+  )
   parser.add_argument(
     "--quick",
     action="store_true",
@@ -143,14 +226,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
       if args.quick
       else ["mezo", "zo_muon", "lozo", "subzero", "fo-adam"]
     )
-  print(f"XLA memory analysis: ViT-{args.model}, {args.image_size} px, batch {args.batch_size}")
-  xla = vit_memory.report(args.model, args.image_size, args.batch_size, args.optimizer)
-  print(vit_memory.format_table(xla), flush=True)
+  setting = f"ViT-{args.model}, {args.image_size} px, batch {args.batch_size}"
   rss = {}
-  if not args.no_rss:
+  if args.no_rss:
+    print(f"XLA memory analysis: {setting}", flush=True)
+    xla = vit_memory.report(
+      args.model,
+      args.image_size,
+      args.batch_size,
+      args.optimizer,
+      num_queries=args.num_queries,
+    )
+  else:
+    measured = {}
     for mode in ["inference", *args.optimizer]:
-      print(f"peak RSS: running {mode} in a fresh process", flush=True)
-      rss[mode] = peak_rss(mode, args.model, args.image_size, args.batch_size)
+      print(f"{setting}: compiling and running {mode} in a fresh process", flush=True)
+      measured[mode] = measure_mode(
+        mode, args.model, args.image_size, args.batch_size, args.num_queries, args.runs
+      )
+      rss[mode] = {k: measured[mode][k] for k in ("before", "peak", "added")}
+    xla = xla_report(measured, args.model, args.image_size, args.batch_size, args.num_queries)
+  print(vit_memory.format_table(xla), flush=True)
   rows = []
   for mode in ["inference", *args.optimizer]:
     figures = xla["inference"] if mode == "inference" else xla["steps"][mode]
