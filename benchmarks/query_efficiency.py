@@ -30,11 +30,13 @@ What is measured, per method:
 How it runs fast. Each method's step is compiled once and every (learning
 rate, seed) run of that method is trained together under `jax.vmap` over
 stacked parameters, optimizer states and batches, ``eval_every`` steps at a
-time inside one `jax.lax.scan`. (ZO-Muon, ZO-MOPI and SubZero use
-`jax.lax.map` over the runs instead, the same numbers: with jax 0.10.2 on
-CPU their vmapped step hangs, idle, apparently in the QR of the basis
-refresh, which sits in a `jax.lax.cond` that vmap turns into a select; see
-``--batching``.)
+time inside one `jax.lax.scan`. (ZO-Muon, ZO-MOPI, SubZero and MeZO-BCD
+use `jax.lax.map` over the runs instead, see ``--batching`` and
+`MAP_METHODS`. The two are not interchangeable bit for bit: under
+`jax.lax.map` every run computes exactly what it computes alone, while
+vmap's batched arithmetic differs in the last bits (3e-8 after one ZO-Muon
+step), which thousands of ZO steps amplify into runs that differ by
+several accuracy points; only the statistics over seeds agree.)
 
 This relies on two properties, both checked numerically at start-up for
 every method (printed and stored; skipped under ``--quick`` unless
@@ -113,11 +115,12 @@ PAPER = {"queries": 0.247, "time": 0.70}  # ZO-Muon paper, relative to MeZO
 MODEL = "digits"
 IMAGE_SIZE = 8
 NUM_CLASSES = 10
-# Methods whose vmapped step hangs on CPU with jax 0.10.2 (ZO-Muon's: the orthonormal basis
-# refresh, a QR inside a lax.cond that vmap turns into a select, never finishes, idle; with
-# refresh_every=None it runs; SubZero's hung inside the scan), or is slower than one run at a
-# time (MeZO-BCD's block switch becomes a select over every block): their runs share the
-# compiled step through jax.lax.map instead.
+# Methods whose runs share the compiled step through jax.lax.map instead of jax.vmap. SubZero's
+# vmapped step hangs, idle, on CPU with jax 0.10.2: twelve or more QRs of vmapped 128 x 24
+# Gaussian draws in one program never finish (its basis refresh at rank 24; pure-JAX reproducer
+# in docs/benchmarks.md). ZO-Muon's and ZO-MOPI's hung in an earlier version and run under vmap
+# now, but lax.map keeps every run bit-identical to a single run, and the committed results
+# were made that way. MeZO-BCD's block switch becomes a select over every block under vmap.
 MAP_METHODS = ("zo_muon", "zo_mopi", "subzero", "mezo_bcd")
 # Each method's grid centre at batch 16 (coarse sweeps, see the module docstring).
 CENTRE = {
@@ -281,7 +284,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     choices=["auto", "vmap", "map"],
     default="auto",
     help="how the runs of a method share a step: jax.vmap, jax.lax.map, or auto (lax.map "
-    f"for {', '.join(MAP_METHODS)}, whose vmapped step stalls or is slower on CPU; vmap for "
+    f"for {', '.join(MAP_METHODS)}, see MAP_METHODS; vmap for "
     "the rest)",
   )
   p.add_argument("--out-dir", default=None, help="write query_efficiency.json and .png here")
