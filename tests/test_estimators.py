@@ -12,20 +12,20 @@ from absl.testing import parameterized
 from jax.flatten_util import ravel_pytree
 
 import zojax
-from tests import stats
+from tests import numerics, stats
 
 NUM_SAMPLES = 4000
 
 
-def quadratic_problem():
+def quadratic_problem(dtype=jnp.float32):
   """f(theta) = 0.5 theta^T A theta + b^T theta on a two-leaf tree (d = 10)."""
   rng = np.random.default_rng(0)
   m = rng.normal(size=(10, 10))
-  a = jnp.asarray(m @ m.T / 10 + np.eye(10), jnp.float32)
-  b = jnp.asarray(rng.normal(size=10), jnp.float32)
+  a = jnp.asarray(m @ m.T / 10 + np.eye(10), dtype)
+  b = jnp.asarray(rng.normal(size=10), dtype)
   params = {
-    "w": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32),
-    "v": jnp.asarray(rng.normal(size=4), jnp.float32),
+    "w": jnp.asarray(rng.normal(size=(2, 3)), dtype),
+    "v": jnp.asarray(rng.normal(size=4), dtype),
   }
 
   def loss(p):
@@ -35,19 +35,19 @@ def quadratic_problem():
   return params, loss
 
 
-def mlp_problem():
+def mlp_problem(dtype=jnp.float32):
   """A 3-4-1 tanh MLP with squared loss on fixed data (d = 21)."""
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(16, 1)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(16, 3)), dtype)
+  y = jnp.asarray(rng.normal(size=(16, 1)), dtype)
   params = {
     "l1": {
-      "kernel": jnp.asarray(rng.normal(size=(3, 4)) * 0.7, jnp.float32),
-      "bias": jnp.asarray(rng.normal(size=4) * 0.1, jnp.float32),
+      "kernel": jnp.asarray(rng.normal(size=(3, 4)) * 0.7, dtype),
+      "bias": jnp.asarray(rng.normal(size=4) * 0.1, dtype),
     },
     "l2": {
-      "kernel": jnp.asarray(rng.normal(size=(4, 1)) * 0.7, jnp.float32),
-      "bias": jnp.zeros(1, jnp.float32),
+      "kernel": jnp.asarray(rng.normal(size=(4, 1)) * 0.7, dtype),
+      "bias": jnp.zeros(1, dtype),
     },
   }
 
@@ -103,37 +103,51 @@ class UnbiasednessTest(parameterized.TestCase):
 
 
 class ScalarsTest(parameterized.TestCase):
-  """The recorded scalars are the finite differences of the actual draws."""
+  """The recorded scalars are the finite differences of the actual draws.
+
+  zojax's step and the reference below are different programs, so they run in
+  float64 (`tests.numerics`): in float32 their losses may differ in the last
+  bits on another CPU, which the finite difference amplifies by 1/eps.
+  """
 
   def test_two_sided_scalars_and_loss(self):
-    params, loss = quadratic_problem()
-    eps = 1e-2
-    tx = zojax.zo_grad(num_queries=3, eps=eps, seed=5)
-    state = tx.init(params)
-    updates, new_state = tx.update(None, state, params, value_fn=loss)
-    key_t = zojax.keys.step_key(state.key, state.count)
-    fplus, fminus, expected = [], [], []
-    for i in range(3):
-      z = zojax.sample_direction(zojax.keys.query_key(key_t, i), params)
-      fp = loss(jax.tree.map(lambda p, d: p + eps * d, params, z))
-      fm = loss(jax.tree.map(lambda p, d: p - eps * d, params, z))
-      fplus.append(fp)
-      fminus.append(fm)
-      expected.append((fp - fm) / (2 * eps))
-    np.testing.assert_allclose(new_state.projected_grads, expected, rtol=1e-4)
-    np.testing.assert_allclose(new_state.loss, np.mean(fplus + fminus), rtol=1e-6)
-    z_sum = sum(
-      c / 3 * ravel_pytree(zojax.sample_direction(zojax.keys.query_key(key_t, i), params))[0]
-      for i, c in enumerate(new_state.projected_grads)
-    )
-    np.testing.assert_allclose(ravel_pytree(updates)[0], z_sum, rtol=1e-5, atol=1e-6)
-    self.assertEqual(int(new_state.count), 1)
+    with numerics.float64():
+      params, loss = quadratic_problem(jnp.float64)
+      eps = 1e-2
+      tx = zojax.zo_grad(num_queries=3, eps=eps, seed=5)
+      state = tx.init(params)
+      updates, new_state = tx.update(None, state, params, value_fn=loss)
+      key_t = zojax.keys.step_key(state.key, state.count)
+      fplus, fminus, expected = [], [], []
+      for i in range(3):
+        z = zojax.sample_direction(zojax.keys.query_key(key_t, i), params)
+        fp = loss(jax.tree.map(lambda p, d: p + eps * d, params, z))
+        fm = loss(jax.tree.map(lambda p, d: p - eps * d, params, z))
+        fplus.append(fp)
+        fminus.append(fm)
+        expected.append((fp - fm) / (2 * eps))
+      # Float64 losses are differenced in float64 and the scalars and the loss
+      # then stored in float32 (ZOGradState): relative error <= 2^-24 each,
+      # plus float64 rounding amplified by 1/eps (~1e-13, see tests/numerics.py).
+      rtol = 2 * numerics.F32_UNIT_ROUNDOFF
+      np.testing.assert_allclose(new_state.projected_grads, expected, rtol=rtol)
+      np.testing.assert_allclose(new_state.loss, np.mean(fplus + fminus), rtol=rtol)
+      z_sum = sum(
+        c / 3 * ravel_pytree(zojax.sample_direction(zojax.keys.query_key(key_t, i), params))[0]
+        for i, c in enumerate(new_state.projected_grads)
+      )
+      np.testing.assert_allclose(
+        ravel_pytree(updates)[0], z_sum, rtol=numerics.F64_RTOL, atol=numerics.F64_ATOL
+      )
+      self.assertEqual(int(new_state.count), 1)
 
   def test_one_sided_records_baseline(self):
-    params, loss = quadratic_problem()
-    tx = zojax.zo_grad(num_queries=2, estimator="one_sided", seed=5)
-    _, state = tx.update(None, tx.init(params), params, value_fn=loss)
-    np.testing.assert_allclose(state.loss, loss(params), rtol=1e-6)
+    with numerics.float64():
+      params, loss = quadratic_problem(jnp.float64)
+      tx = zojax.zo_grad(num_queries=2, estimator="one_sided", seed=5)
+      _, state = tx.update(None, tx.init(params), params, value_fn=loss)
+      rtol = 2 * numerics.F32_UNIT_ROUNDOFF
+      np.testing.assert_allclose(state.loss, loss(params), rtol=rtol)
 
   def test_forwards_per_step(self):
     self.assertEqual(zojax.forwards_per_step(1), 2)
@@ -180,26 +194,31 @@ class DeterminismTest(chex.TestCase):
       with pytest.raises(AssertionError):
         chex.assert_trees_all_equal(reference, run(8))
 
+  # Eager and jitted, vectorized and sequential steps are different XLA
+  # programs: compared in float64 (see tests/numerics.py for the bound).
+
   def test_jit_matches_eager(self):
-    params, loss = mlp_problem()
-    tx = zojax.zo_grad(num_queries=3, seed=1)
-    state = tx.init(params)
-    eager = tx.update(None, state, params, value_fn=loss)[0]
-    jitted = jax.jit(lambda p, s: tx.update(None, s, p, value_fn=loss)[0])(params, state)
-    chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-6)
+    with numerics.float64():
+      params, loss = mlp_problem(jnp.float64)
+      tx = zojax.zo_grad(num_queries=3, seed=1)
+      state = tx.init(params)
+      eager = tx.update(None, state, params, value_fn=loss)[0]
+      jitted = jax.jit(lambda p, s: tx.update(None, s, p, value_fn=loss)[0])(params, state)
+      chex.assert_trees_all_close(eager, jitted, rtol=numerics.F64_RTOL, atol=numerics.F64_ATOL)
 
   @parameterized.parameters(*zojax.ESTIMATORS)
   def test_vectorized_matches_sequential(self, estimator):
-    params, loss = mlp_problem()
-    outs = []
-    for vectorize in (False, True):
-      tx = zojax.zo_grad(num_queries=4, estimator=estimator, vectorize=vectorize, seed=2)
-      outs.append(
-        jax.jit(lambda p, s, tx=tx: tx.update(None, s, p, value_fn=loss)[0])(
-          params, tx.init(params)
+    with numerics.float64():
+      params, loss = mlp_problem(jnp.float64)
+      outs = []
+      for vectorize in (False, True):
+        tx = zojax.zo_grad(num_queries=4, estimator=estimator, vectorize=vectorize, seed=2)
+        outs.append(
+          jax.jit(lambda p, s, tx=tx: tx.update(None, s, p, value_fn=loss)[0])(
+            params, tx.init(params)
+          )
         )
-      )
-    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(outs[0], outs[1], rtol=numerics.F64_RTOL, atol=numerics.F64_ATOL)
 
   def test_steps_use_fresh_directions(self):
     params, loss = mlp_problem()

@@ -143,17 +143,20 @@ def _estimate(
     ``c_i = [f(theta + eps z_i) - f(theta - eps z_i)] / (2 eps)``
   One-sided with a shared baseline (ZO-Muon/ZO-MOPI multi-query path):
     ``c_i = [f(theta + eps z_i) - f(theta)] / eps``
-  and in both cases ``g = (1/N) sum_i c_i z_i``. Losses are cast to float32
-  before the difference. If any loss is not finite every ``c_i`` is zeroed,
+  and in both cases ``g = (1/N) sum_i c_i z_i``. Losses are differenced in
+  their own dtype promoted to at least float32 (so float64 losses are not
+  rounded to float32 before the division by eps amplifies the rounding), and
+  the ``c_i`` and the loss are stored in float32. If any loss is not finite every ``c_i`` is zeroed,
   so the estimate is exactly zero.
   """
   num, eps = config.num_queries, config.eps
   dist, mask = config.distribution, config.mask
+  loss_dtype = jnp.promote_types(jax.eval_shape(value_fn, params).dtype, jnp.float32)
   qkeys = jax.vmap(lambda i: keys_lib.query_key(step_key, i))(jnp.arange(num))
 
   def evaluate(key, scale):
     perturbed = perturbations.perturb(params, key, scale, dist, mask)
-    return jnp.asarray(value_fn(perturbed), jnp.float32)
+    return jnp.asarray(value_fn(perturbed), loss_dtype)
 
   def run(keys, scales):
     if config.vectorize:
@@ -171,7 +174,7 @@ def _estimate(
     finite = jnp.all(jnp.isfinite(values))
   else:
     if config.vectorize:
-      f0 = jnp.asarray(value_fn(params), jnp.float32)
+      f0 = jnp.asarray(value_fn(params), loss_dtype)
       both = jnp.concatenate([f0[None], run(qkeys, jnp.full((num,), eps, jnp.float32))])
     else:
       # The unperturbed forward f(theta) runs as entry 0 of the queries'
@@ -182,7 +185,7 @@ def _estimate(
         perturbed = jax.lax.cond(
           base, lambda: params, lambda: perturbations.perturb(params, key, eps, dist, mask)
         )
-        return jnp.asarray(value_fn(perturbed), jnp.float32)
+        return jnp.asarray(value_fn(perturbed), loss_dtype)
 
       keys0 = jnp.concatenate([qkeys[:1], qkeys])
       both = jax.lax.map(entry, (keys0, jnp.arange(num + 1) == 0))
@@ -191,11 +194,11 @@ def _estimate(
     c = (values - f0) / eps
     loss = f0
     finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(f0)
-  c = jnp.where(finite, c, jnp.zeros_like(c))
+  c = jnp.where(finite, c, jnp.zeros_like(c)).astype(jnp.float32)
   grad = perturbations.combine_directions(
     params, qkeys, c / num, dist, mask, vectorize=config.vectorize
   )
-  return grad, loss, c, finite
+  return grad, loss.astype(jnp.float32), c, finite
 
 
 def _replay(projected_grads, params, step_key, config: _Config, value_fn, batch):
