@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from zojax import keys as keys_lib
-from zojax import perturbations
+from zojax import perturb_at_use, perturbations
 
 ESTIMATORS = ("two_sided", "one_sided")
 
@@ -63,6 +63,7 @@ class _Config:
   mask: Any
   vectorize: bool
   axis_name: str | None
+  perturb_at_use: bool = True
 
 
 def forwards_per_step(num_queries: int = 1, estimator: str = "two_sided") -> int:
@@ -155,6 +156,9 @@ def _estimate(
   qkeys = jax.vmap(lambda i: keys_lib.query_key(step_key, i))(jnp.arange(num))
 
   def evaluate(key, scale):
+    if config.perturb_at_use:
+      value = perturb_at_use.value_at(value_fn, params, key, scale, dist, mask)
+      return jnp.asarray(value, loss_dtype)
     perturbed = perturbations.perturb(params, key, scale, dist, mask)
     return jnp.asarray(value_fn(perturbed), loss_dtype)
 
@@ -182,6 +186,10 @@ def _estimate(
       # their own and the step needs the memory of two forward passes.
       def entry(args):
         key, base = args
+        if config.perturb_at_use:
+          # theta + 0 z is theta exactly (z is finite), so the baseline is the
+          # same perturbed-at-use forward with scale 0.
+          return evaluate(key, jnp.where(base, 0.0, eps).astype(jnp.float32))
         perturbed = jax.lax.cond(
           base, lambda: params, lambda: perturbations.perturb(params, key, eps, dist, mask)
         )
@@ -234,6 +242,7 @@ def zo_grad(
   vectorize: bool = False,
   seed: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
+  perturb_at_use: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Zeroth-order (SPSA) gradient estimate from forward passes only.
 
@@ -315,6 +324,14 @@ def zo_grad(
       the one-sided estimator), so replicas compute identical updates and
       never exchange gradients. Leave it None under plain `jit`, where a
       loss that averages a sharded batch is already global.
+    perturb_at_use: evaluate each perturbed forward with
+      `zojax.perturb_at_use.value_at`, which perturbs every large leaf where
+      the loss uses it (one layer's slice inside a ``scan``, the gathered
+      rows of an embedding) instead of building a perturbed copy of all the
+      weights: a step then needs about the memory of an inference forward
+      when the weights dominate (language models). Same draws and formula,
+      so the estimate equals the up-front one up to float rounding. False
+      perturbs the whole tree up front (the behaviour before this option).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with state `ZOGradState`.
@@ -344,7 +361,14 @@ def zo_grad(
   if loss_fn is not None and not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
   config = _Config(
-    num_queries, float(eps), estimator, distribution, mask, bool(vectorize), axis_name
+    num_queries,
+    float(eps),
+    estimator,
+    distribution,
+    mask,
+    bool(vectorize),
+    axis_name,
+    bool(perturb_at_use),
   )
   key = keys_lib.as_key(seed)
 

@@ -32,7 +32,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["hash_bits", "uniform", "normal", "rademacher"]
+__all__ = [
+  "seed_words",
+  "bits_at",
+  "hash_bits",
+  "uniform",
+  "normal",
+  "rademacher",
+  "normal_from_bits",
+  "rademacher_from_bits",
+]
 
 _WEYL = 0x9E3779B9
 _M1 = 0x85EBCA6B
@@ -48,9 +57,29 @@ def _fmix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def _seed_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def seed_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The two uint32 words ``(k0, k1)`` of the hash, drawn from a `jax.random` key."""
   words = jax.random.bits(key, (2,), jnp.uint32)
   return words[0], words[1]
+
+
+def bits_at(words: tuple[jax.Array, jax.Array], index: jax.Array) -> jax.Array:
+  """uint32 words ``x_i`` for the given element indices ``i`` (any shape).
+
+  ``bits_at(seed_words(key), i)`` equals ``hash_bits(key, shape).ravel()[i]``,
+  so a slice of a leaf can be drawn on its own, at the point where it is
+  used, with the values the whole-leaf draw would give it.
+
+  Args:
+    words: ``(k0, k1)`` from `seed_words`.
+    index: uint32 flat element indices.
+
+  Returns:
+    A uint32 array shaped like ``index``.
+  """
+  k0, k1 = words
+  index = jnp.asarray(index, jnp.uint32)
+  return _fmix32(_fmix32(index * jnp.uint32(_WEYL) + k0) ^ k1)
 
 
 def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -66,9 +95,25 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   size = math.prod(shape)
   if size > 2**32:
     raise ValueError(f"hash_bits draws at most 2**32 values per key, got shape {shape}")
-  k0, k1 = _seed_words(key)
   index = lax.iota(jnp.uint32, size).reshape(shape)
-  return _fmix32(_fmix32(index * jnp.uint32(_WEYL) + k0) ^ k1)
+  return bits_at(seed_words(key), index)
+
+
+def _uniform_from_bits(bits: jax.Array, dtype) -> jax.Array:
+  m = (bits >> 9).astype(jnp.int32)
+  return ((m.astype(dtype) + 0.5) * (2.0**-23)).astype(dtype)
+
+
+def normal_from_bits(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Standard normal values from hash words (what `normal` applies to `hash_bits`)."""
+  u = _uniform_from_bits(bits, dtype)
+  return (jnp.sqrt(jnp.asarray(2.0, dtype)) * lax.erf_inv(2.0 * u - 1.0)).astype(dtype)
+
+
+def rademacher_from_bits(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Signs in {-1, +1} from hash words (what `rademacher` applies to `hash_bits`)."""
+  sign = (bits >> 31).astype(jnp.int32)
+  return (1 - 2 * sign).astype(dtype)
 
 
 def uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -82,8 +127,7 @@ def uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Ar
   Returns:
     ``(m + 1/2) 2^-23`` with ``m`` the top 23 bits of `hash_bits`.
   """
-  m = (hash_bits(key, shape) >> 9).astype(jnp.int32)
-  return ((m.astype(dtype) + 0.5) * (2.0**-23)).astype(dtype)
+  return _uniform_from_bits(hash_bits(key, shape), dtype)
 
 
 def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -99,8 +143,7 @@ def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Arr
     truncation of the tails beyond ``|z| ~ 5.3``, a variance deficit below
     1e-5).
   """
-  u = uniform(key, shape, dtype)
-  return (jnp.sqrt(jnp.asarray(2.0, dtype)) * lax.erf_inv(2.0 * u - 1.0)).astype(dtype)
+  return normal_from_bits(hash_bits(key, shape), dtype)
 
 
 def rademacher(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -114,5 +157,4 @@ def rademacher(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax
   Returns:
     An array of ``shape`` and ``dtype``.
   """
-  sign = (hash_bits(key, shape) >> 31).astype(jnp.int32)
-  return (1 - 2 * sign).astype(dtype)
+  return rademacher_from_bits(hash_bits(key, shape), dtype)

@@ -48,6 +48,8 @@ __all__ = [
   "perturbable_leaves",
   "sample_direction",
   "perturb",
+  "perturb_flagged",
+  "sphere_factor",
   "combine_directions",
 ]
 
@@ -201,13 +203,50 @@ def _raw_directions(key, params, distribution, flags) -> list[jax.Array | None]:
     for row, index in enumerate(indices):
       draws[index] = block[row]
   if distribution == "sphere":
-    live = [z for z in draws if z is not None]
-    if live:
-      dim = sum(z.size for z in live)
-      sq_norm = sum(jnp.sum(jnp.square(z.astype(jnp.float32))) for z in live)
-      factor = jnp.sqrt(jnp.float32(dim)) * jax.lax.rsqrt(sq_norm)
+    factor = _sphere_factor_of([z for z in draws if z is not None])
+    if factor is not None:
       draws = [None if z is None else (z * factor.astype(z.dtype)) for z in draws]
   return draws
+
+
+def _sphere_factor_of(live: list[jax.Array]) -> jax.Array | None:
+  if not live:
+    return None
+  dim = sum(z.size for z in live)
+  sq_norm = sum(jnp.sum(jnp.square(z.astype(jnp.float32))) for z in live)
+  return jnp.sqrt(jnp.float32(dim)) * jax.lax.rsqrt(sq_norm)
+
+
+def sphere_factor(key: jax.Array, params, flags: list[bool]) -> jax.Array | None:
+  """``sqrt(d) / ||g||`` for the Gaussian draws ``g`` of the flagged leaves.
+
+  The ``"sphere"`` direction of leaf ``l`` is ``g_l`` times this factor (see
+  the module docstring); None when no leaf is flagged.
+  """
+  return _sphere_factor_of(
+    [z for z in _raw_directions(key, params, "gaussian", flags) if z is not None]
+  )
+
+
+def perturb_flagged(params, key, scale, distribution: str, flags: list[bool], factor=None):
+  """`perturb` with the perturbed leaves given as one bool per leaf.
+
+  With ``distribution="sphere"``, ``factor`` (from `sphere_factor` over the
+  leaves of the whole direction) replaces the normalisation over ``flags``,
+  so a direction can be perturbed in parts.
+  """
+  if distribution == "sphere" and factor is not None:
+    draws = _raw_directions(key, params, "gaussian", flags)
+    draws = [None if z is None else z * factor.astype(z.dtype) for z in draws]
+  else:
+    draws = _raw_directions(key, params, distribution, flags)
+  leaves, treedef = jax.tree.flatten(params)
+  scale = jnp.asarray(scale, jnp.float32)
+  out = [
+    p if z is None else (p.astype(z.dtype) + scale.astype(z.dtype) * z).astype(p.dtype)
+    for p, z in zip(leaves, draws)
+  ]
+  return jax.tree.unflatten(treedef, out)
 
 
 def sample_direction(
@@ -264,15 +303,7 @@ def perturb(
   """
   check_distribution(distribution)
   flags = perturbable_leaves(params, mask)
-  draws = _raw_directions(key, params, distribution, flags)
-  leaves, treedef = jax.tree.flatten(params)
-  out = [
-    p
-    if z is None
-    else (p.astype(z.dtype) + jnp.asarray(scale, jnp.float32).astype(z.dtype) * z).astype(p.dtype)
-    for p, z in zip(leaves, draws)
-  ]
-  return jax.tree.unflatten(treedef, out)
+  return perturb_flagged(params, key, scale, distribution, flags)
 
 
 def combine_directions(

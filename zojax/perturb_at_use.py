@@ -1,0 +1,423 @@
+"""Evaluate a loss at ``theta + s z`` without ever holding the perturbed weights.
+
+A ZO forward pass needs the loss at perturbed weights ``theta + s z``. Built
+up front, ``theta + s z`` is a second copy of every weight: harmless when the
+activations dominate memory (a ViT at 224 px), but it doubles the memory of
+a language-model step, where the weights dominate (MeZO's reason to exist is
+fine-tuning at the memory of inference; arXiv 2305.17333 perturbs in place).
+
+`value_at` traces the loss to a jaxpr and evaluates it with every large
+perturbed leaf kept *lazy*: a lazy leaf is its unperturbed values plus the
+recipe of its perturbation (the leaf's hash words, the scale, and the flat
+index of each element in the leaf). The perturbation is computed only where
+an operation consumes the leaf, and only for what that operation reads:
+
+* ``scan`` over stacked layers: the leaf enters the loop unperturbed, and the
+  body perturbs the slice of the current iteration. `zojax.fastrandom` draws
+  an element from (key, flat index), so the slice gets exactly the numbers
+  the whole-leaf draw would give it. Memory: one layer, not the stack.
+* view operations (``slice``, ``reshape``, ``transpose``, ``squeeze``,
+  ``gather``, ``dynamic_slice``, ...) apply to the leaf and to its index
+  alike, so an embedding lookup perturbs only the gathered rows, and a
+  label-word head only the label words' rows.
+* nested ``jit``, ``remat``/``checkpoint``, ``custom_jvp``/``custom_vjp``
+  calls are inlined and evaluated the same way.
+* any other operation (a matmul, say) gets the perturbed leaf, computed just
+  before it. Its inputs that are not lazy and the leaf's hash words pass
+  together through `jax.lax.optimization_barrier`, so the draw cannot be
+  computed before the operation's other inputs exist: XLA can neither hoist
+  every perturbation to the start of the program (or out of the queries'
+  loop, as loop-invariant code) nor merge the draws of the two queries and
+  of the update into one stored direction (its common-subexpression pass),
+  which is what kept a full perturbed copy alive before.
+
+Why a jaxpr interpreter rather than an API the model calls: any model (Flax
+linen or NNX, equinox, plain functions, unrolled or scanned layers) gets it
+unchanged, and the estimate is the same as perturbing up front up to float
+rounding (the same formula, ``round(theta + s z)`` in the leaf's dtype, is
+applied to the same draws). Why not MeZO's in-place chain (``theta += eps z``,
+``theta -= 2 eps z``, ...): inside one XLA program "in place" is up to buffer
+assignment, it drifts ``theta`` by rounding every step (so a replay or a
+resumed run is no longer exact), and it cannot be expressed through optax's
+``updates`` interface, which needs ``theta`` intact until `optax.apply_updates`.
+
+Leaves below `zojax.perturbations.GROUP_BELOW` entries, leaves whose draws
+are not float32 (float64 leaves use `jax.random`), and leaves an operation
+above cannot see through (a ``while`` loop, a ``cond``) are perturbed up
+front or at that operation, as before: never wrong, only not lazy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex_core
+
+from zojax import fastrandom, perturbations
+from zojax import keys as keys_lib
+
+__all__ = ["value_at", "lazy_leaf_count"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lazy:
+  """A view of a perturbed leaf: ``round(base + scale * factor * z[index])``.
+
+  Attributes:
+    base: the unperturbed values of this view.
+    words: the leaf's `zojax.fastrandom` hash words ``(k0, k1)``.
+    scale: float32 scalar ``s`` (e.g. ``+eps``).
+    factor: float32 scalar multiplying the draw (the sphere normalisation),
+      or None.
+    offset: for a contiguous view, the flat index of its first element in the
+      leaf (the view's elements are then ``offset + 0, 1, ...`` row-major);
+      None when ``index`` is given instead.
+    index: for other views, a function returning the uint32 flat indices of
+      the view's elements (shape ``base.shape``).
+    distribution: ``"gaussian"`` or ``"rademacher"``.
+  """
+
+  base: Any
+  words: tuple
+  scale: Any
+  factor: Any
+  offset: Any
+  index: Callable[[], jax.Array] | None
+  distribution: str
+
+  def indices(self) -> jax.Array:
+    if self.index is not None:
+      return self.index()
+    size = math.prod(self.base.shape)
+    flat = lax.iota(jnp.uint32, size).reshape(self.base.shape)
+    return flat + jnp.asarray(self.offset, jnp.uint32)
+
+  def with_view(self, base, index_op: Callable[[jax.Array], jax.Array]) -> _Lazy:
+    parent = self.indices
+    return dataclasses.replace(self, base=base, offset=None, index=lambda: index_op(parent()))
+
+  def materialize(self, zero: jax.Array | None = None) -> jax.Array:
+    """``round(base + s z)`` in the base's dtype, as `zojax.perturbations.perturb`.
+
+    ``zero`` (a uint32 zero with data dependencies, see `_zero_depending_on`)
+    is added to the hash words and the indices: same values, later schedule.
+    """
+    k0, k1 = self.words
+    index = self.indices()
+    if zero is not None:
+      k0, k1, index = k0 + zero, k1 + zero, index + zero
+    bits = fastrandom.bits_at((k0, k1), index)
+    if self.distribution == "rademacher":
+      z = fastrandom.rademacher_from_bits(bits, jnp.float32)
+    else:
+      z = fastrandom.normal_from_bits(bits, jnp.float32)
+    if self.factor is not None:
+      z = z * self.factor
+    out = self.base.astype(jnp.float32) + self.scale * z
+    return out.astype(self.base.dtype)
+
+
+def _is_lazy(x) -> bool:
+  return isinstance(x, _Lazy)
+
+
+def _zero_depending_on(values: Sequence[Any]) -> jax.Array | None:
+  """A uint32 zero that XLA cannot compute before ``values`` exist.
+
+  ``(x != x) & (x == x)`` is false for every float, NaN included, but no
+  compiler pass proves it, so the zero carries a data dependency on the first
+  element of the first floating-point array among ``values`` (None if there is
+  none). `jax.lax.optimization_barrier` would say the same more plainly, but
+  XLA's CPU pipeline expands barriers before it schedules, and its
+  loop-invariant code motion and common-subexpression passes then hoist and
+  merge the draws (the probe behind this module).
+  """
+  for v in values:
+    if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating) and v.size:
+      first = jnp.ravel(v)[0]
+      return ((first != first) & (first == first)).astype(jnp.uint32)
+  return None
+
+
+def _tie_and_materialize(values: Sequence[Any]) -> list[Any]:
+  """Materializes the lazy entries of ``values`` once the others exist.
+
+  Each draw's hash words and element indices get a zero added that depends
+  on the operation's other inputs (`_zero_depending_on`), so XLA can neither
+  compute the perturbation early, nor hoist it out of the queries' loop, nor
+  merge it with the same draw elsewhere (the other query, the update).
+  """
+  if not any(_is_lazy(v) for v in values):
+    return list(values)
+  zero = _zero_depending_on([v for v in values if not _is_lazy(v)])
+  out = []
+  for v in values:
+    if _is_lazy(v):
+      out.append(v.materialize(zero))
+    else:
+      out.append(v)
+  return out
+
+
+def _bind_params(primitive, params) -> tuple[list, dict]:
+  bound = primitive.get_bind_params(params)
+  if isinstance(bound, tuple):  # older JAX: (subfuns, params)
+    return list(bound[0]), bound[1]
+  return [], bound
+
+
+def _bind(eqn, invals, params=None):
+  subfuns, bind_params = _bind_params(eqn.primitive, eqn.params if params is None else params)
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+  return out if eqn.primitive.multiple_results else [out]
+
+
+def _materialize_rule(eqn, invals):
+  return _bind(eqn, _tie_and_materialize(invals))
+
+
+def _view_rule(eqn, invals):
+  """Operand 0 lazy, the rest plain: apply the op to the values and the indices."""
+  if any(_is_lazy(v) for v in invals[1:]):
+    return _materialize_rule(eqn, invals)
+  lazy, rest = invals[0], invals[1:]
+  (base,) = _bind(eqn, [lazy.base, *rest])
+  params = dict(eqn.params)
+  if "fill_value" in params:  # gather: out-of-bounds rows are NaN in `base` anyway
+    params["fill_value"] = 0
+
+  def index_op(index):
+    return _bind(eqn, [index, *rest], params)[0]
+
+  if eqn.primitive.name == "reshape" and lazy.index is None and not params.get("dimensions"):
+    # Row-major reshapes keep a contiguous view contiguous.
+    return [dataclasses.replace(lazy, base=base)]
+  return [lazy.with_view(base, index_op)]
+
+
+def _inline_rule(jaxpr_param: str):
+  def rule(eqn, invals):
+    closed = eqn.params[jaxpr_param]
+    if isinstance(closed, jex_core.ClosedJaxpr):
+      jaxpr, consts = closed.jaxpr, closed.consts
+    else:
+      jaxpr, consts = closed, ()
+    if len(jaxpr.invars) != len(invals):
+      return _materialize_rule(eqn, invals)
+    return _materialize_outputs(_eval_jaxpr(jaxpr, consts, invals))
+
+  return rule
+
+
+def _custom_jvp_rule(eqn, invals):
+  num_consts = eqn.params.get("num_consts", 0)
+  del num_consts  # the call jaxpr takes consts and arguments alike
+  return _inline_rule("call_jaxpr")(eqn, invals)
+
+
+def _scan_rule(eqn, invals):
+  """Perturbs a stacked leaf one slice per iteration, inside the scan body."""
+  p = eqn.params
+  num_consts, num_carry, length = p["num_consts"], p["num_carry"], p["length"]
+  consts = invals[:num_consts]
+  carry = invals[num_consts : num_consts + num_carry]
+  xs = invals[num_consts + num_carry :]
+  sliced = [
+    i
+    for i, x in enumerate(xs)
+    if _is_lazy(x) and x.index is None and x.base.ndim >= 1 and x.base.shape[0] == length
+  ]
+  if not sliced:
+    return _materialize_rule(eqn, invals)
+  # Lazy consts, carries, or xs that are not contiguous views: materialized
+  # before the loop (correct, only not lazy).
+  front = _tie_and_materialize(
+    [
+      v if not (_is_lazy(v) and i - num_consts - num_carry in sliced) else None
+      for i, v in enumerate(invals)
+    ]
+  )
+  consts = front[:num_consts]
+  carry = front[num_consts : num_consts + num_carry]
+  plain_xs = [None if i in sliced else front[num_consts + num_carry + i] for i in range(len(xs))]
+  bases = [xs[i].base for i in sliced]
+  body = p["jaxpr"]
+
+  def body_fn(carry_in, x):
+    plain_slices, base_slices, step = x
+    args = list(consts) + list(carry_in)
+    it = iter(base_slices)
+    for i, plain in enumerate(plain_slices):
+      if i in sliced:
+        lazy = xs[i]
+        piece = next(it)
+        per_slice = math.prod(lazy.base.shape[1:])
+        offset = jnp.asarray(lazy.offset, jnp.uint32) + step * jnp.uint32(per_slice)
+        args.append(dataclasses.replace(lazy, base=piece, offset=offset))
+      else:
+        args.append(plain)
+    outs = _materialize_outputs(_eval_jaxpr(body.jaxpr, body.consts, args))
+    return outs[:num_carry], outs[num_carry:]
+
+  steps = lax.iota(jnp.uint32, length)
+  carry_out, ys = lax.scan(
+    body_fn,
+    list(carry),
+    (plain_xs, bases, steps),
+    length=length,
+    reverse=p["reverse"],
+    unroll=p["unroll"],
+  )
+  return list(carry_out) + list(ys)
+
+
+_VIEW_PRIMITIVES = (
+  "reshape",
+  "slice",
+  "squeeze",
+  "transpose",
+  "rev",
+  "gather",
+  "dynamic_slice",
+  "broadcast_in_dim",
+  "copy",
+  "copy_p",
+)
+
+_RULES: dict[str, Callable] = {name: _view_rule for name in _VIEW_PRIMITIVES}
+_RULES.update(
+  {
+    "jit": _inline_rule("jaxpr"),
+    "pjit": _inline_rule("jaxpr"),
+    "closed_call": _inline_rule("call_jaxpr"),
+    "core_call": _inline_rule("call_jaxpr"),
+    "remat2": _inline_rule("jaxpr"),
+    "checkpoint": _inline_rule("jaxpr"),
+    "custom_jvp_call": _custom_jvp_rule,
+    "custom_vjp_call": _inline_rule("call_jaxpr"),
+    "custom_vjp_call_jaxpr": _inline_rule("fun_jaxpr"),
+    "scan": _scan_rule,
+  }
+)
+
+
+def _materialize_outputs(values):
+  if any(_is_lazy(v) for v in values):
+    return [v.materialize() if _is_lazy(v) else v for v in values]
+  return values
+
+
+def _eval_jaxpr(jaxpr, consts, args):
+  env: dict = {}
+
+  def read(var):
+    if isinstance(var, jex_core.Literal):
+      return var.val
+    return env[var]
+
+  for var, val in zip(jaxpr.constvars, consts):
+    env[var] = val
+  for var, val in zip(jaxpr.invars, args):
+    env[var] = val
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(_is_lazy(v) for v in invals):
+      rule = _RULES.get(eqn.primitive.name, _materialize_rule)
+      outvals = rule(eqn, invals)
+    else:
+      outvals = _bind(eqn, invals)
+    for var, val in zip(eqn.outvars, outvals):
+      if not isinstance(var, jex_core.DropVar):
+        env[var] = val
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _lazy_flags(params, flags, distribution) -> list[bool]:
+  """Which perturbed leaves are evaluated lazily (large, float32 draws)."""
+  out = []
+  for leaf, flag in zip(jax.tree.leaves(params), flags):
+    dtype = jnp.result_type(leaf)
+    out.append(
+      bool(flag)
+      and distribution in ("gaussian", "rademacher", "sphere")
+      and perturbations.draw_dtype(dtype) == jnp.float32
+      and math.prod(jnp.shape(leaf)) >= perturbations.GROUP_BELOW
+    )
+  return out
+
+
+def lazy_leaf_count(params, mask: perturbations.Mask = None, distribution="gaussian") -> int:
+  """How many leaves of ``params`` `value_at` perturbs at their point of use."""
+  flags = perturbations.perturbable_leaves(params, mask)
+  return sum(_lazy_flags(params, flags, distribution))
+
+
+def value_at(
+  value_fn: Callable[[Any], jax.Array],
+  params,
+  key: jax.Array,
+  scale: jax.Array | float,
+  distribution: str = "gaussian",
+  mask: perturbations.Mask = None,
+) -> jax.Array:
+  """``value_fn(perturb(params, key, scale))``, perturbing each leaf where it is used.
+
+  Equal to ``value_fn(zojax.perturbations.perturb(params, key, scale,
+  distribution, mask))`` up to float rounding (the same draws and the same
+  per-element formula ``round(theta + s z)``), with at most the slice of a
+  perturbed leaf that one operation reads held at a time (see the module
+  docstring).
+
+  Args:
+    value_fn: the loss, a function of the parameter pytree.
+    params: the parameter pytree.
+    key: the query key (as for `zojax.perturbations.perturb`).
+    scale: the scalar ``s``.
+    distribution: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
+    mask: which leaves are perturbed (see `zojax.perturbations.resolve_mask`).
+
+  Returns:
+    The outputs of ``value_fn`` (a pytree, as ``value_fn`` returns it).
+  """
+  perturbations.check_distribution(distribution)
+  flags = perturbations.perturbable_leaves(params, mask)
+  lazy = _lazy_flags(params, flags, distribution)
+  leaves, treedef = jax.tree.flatten(params)
+  scale = jnp.asarray(scale, jnp.float32)
+  if not any(lazy):
+    return value_fn(perturbations.perturb(params, key, scale, distribution, mask))
+  # Small (and non-float32-draw) leaves: perturbed up front, as `perturb` does.
+  factor = None
+  if distribution == "sphere":
+    factor = perturbations.sphere_factor(key, params, flags)
+  eager_flags = [f and not lz for f, lz in zip(flags, lazy)]
+  eager = perturbations.perturb_flagged(params, key, scale, distribution, eager_flags, factor)
+  eager_leaves = jax.tree.leaves(eager)
+  all_keys = keys_lib.leaf_keys(key, params)
+  base_distribution = "gaussian" if distribution == "sphere" else distribution
+  args = []
+  for index, (leaf, is_lazy) in enumerate(zip(leaves, lazy)):
+    if is_lazy:
+      args.append(
+        _Lazy(
+          base=jnp.asarray(leaf),
+          words=fastrandom.seed_words(all_keys[index]),
+          scale=scale,
+          factor=factor,
+          offset=jnp.uint32(0),
+          index=None,
+          distribution=base_distribution,
+        )
+      )
+    else:
+      args.append(eager_leaves[index])
+  closed, out_shape = jax.make_jaxpr(value_fn, return_shape=True)(params)
+  outs = _materialize_outputs(_eval_jaxpr(closed.jaxpr, closed.consts, args))
+  return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
