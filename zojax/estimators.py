@@ -137,6 +137,7 @@ def _estimate(
   params,
   step_key: jax.Array,
   config: _Config,
+  param_map: Callable[[Any], Any] | None = None,
 ):
   """Runs the queries of one step and returns ``(grad, loss, c, finite)``.
 
@@ -152,12 +153,15 @@ def _estimate(
   """
   num, eps = config.num_queries, config.eps
   dist, mask = config.distribution, config.mask
+  inner_fn = value_fn
+  if param_map is not None:
+    value_fn = lambda p: inner_fn(param_map(p))
   loss_dtype = jnp.promote_types(jax.eval_shape(value_fn, params).dtype, jnp.float32)
   qkeys = jax.vmap(lambda i: keys_lib.query_key(step_key, i))(jnp.arange(num))
 
   def evaluate(key, scale):
     if config.perturb_at_use:
-      value = perturb_at_use.value_at(value_fn, params, key, scale, dist, mask)
+      value = perturb_at_use.value_at(inner_fn, params, key, scale, dist, mask, param_map)
       return jnp.asarray(value, loss_dtype)
     perturbed = perturbations.perturb(params, key, scale, dist, mask)
     return jnp.asarray(value_fn(perturbed), loss_dtype)
@@ -401,11 +405,9 @@ def zo_grad(
       grad, loss, c, finite = _replay(projected_grads, params, key_t, config, value_fn, batch)
     else:
       fn = _resolve_value_fn(loss_fn, value_fn, batch)
-      if param_map is not None:
-        fn = lambda p, fn=fn: fn(param_map(p))
       perturbations.perturbable_leaves(params, mask)
-      _check_value_fn(fn, params)
-      grad, loss, c, finite = _estimate(fn, params, key_t, config)
+      _check_value_fn(fn if param_map is None else (lambda p: fn(param_map(p))), params)
+      grad, loss, c, finite = _estimate(fn, params, key_t, config, param_map)
     new_state = ZOGradState(
       count=optax.safe_increment(state.count),
       key=state.key,

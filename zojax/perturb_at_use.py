@@ -62,11 +62,72 @@ from jax.extend import core as jex_core
 from zojax import fastrandom, perturbations
 from zojax import keys as keys_lib
 
-__all__ = ["value_at", "lazy_leaf_count"]
+__all__ = ["value_at", "lazy_leaf_count", "low_rank", "deferred", "concrete"]
+
+
+class _Deferred:
+  """A perturbed value computed where it is used (`materialize`)."""
+
+  def materialize(self, zero: jax.Array | None = None) -> jax.Array:
+    raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
-class _Lazy:
+class _Thunk(_Deferred):
+  """Any perturbed leaf given as a function of a data-dependent zero."""
+
+  fn: Callable[[jax.Array | None], jax.Array]
+  shape_like: Any  # a jax.ShapeDtypeStruct of the value
+
+  def materialize(self, zero=None):
+    return self.fn(zero)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LowRank(_Deferred):
+  """``round(base + left @ right)`` in the base's dtype (a subspace perturbation).
+
+  ``left`` has the base's leading axes and the rank as its last axis, so a
+  row gather of the base gathers the rows of ``left`` (an embedding lookup
+  perturbs only the rows it reads).
+  """
+
+  base: Any
+  left: Any
+  right: Any
+
+  def materialize(self, zero=None):
+    left = self.left if zero is None else self.left + zero.astype(self.left.dtype)
+    delta = jnp.matmul(left.astype(jnp.float32), self.right.astype(jnp.float32))
+    return (self.base.astype(jnp.float32) + delta).astype(self.base.dtype)
+
+
+def low_rank(base, left, right) -> _Deferred:
+  """A leaf ``round(base + left @ right)`` that `value_at` forms at its point of use.
+
+  For combinators whose perturbation of a matrix leaf is low-rank
+  (`zojax.subspace`); see `value_at`'s ``param_map``.
+  """
+  return _LowRank(base, left, right)
+
+
+def deferred(fn: Callable[[jax.Array | None], jax.Array], shape_like) -> _Deferred:
+  """A leaf ``fn(zero)`` that `value_at` computes at its point of use.
+
+  ``fn`` must return the same values for any ``zero`` (a uint32 zero that
+  carries data dependencies, or None; add it to an input so the computation
+  is scheduled late). ``shape_like`` has the value's shape and dtype.
+  """
+  return _Thunk(fn, jax.ShapeDtypeStruct(jnp.shape(shape_like), jnp.result_type(shape_like)))
+
+
+def concrete(value):
+  """``value`` itself, or the perturbed array a deferred leaf stands for."""
+  return value.materialize() if isinstance(value, _Deferred) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lazy(_Deferred):
   """A view of a perturbed leaf: ``round(base + scale * factor * z[index])``.
 
   Attributes:
@@ -124,7 +185,7 @@ class _Lazy:
 
 
 def _is_lazy(x) -> bool:
-  return isinstance(x, _Lazy)
+  return isinstance(x, _Deferred)
 
 
 def _zero_depending_on(values: Sequence[Any]) -> jax.Array | None:
@@ -188,6 +249,10 @@ def _view_rule(eqn, invals):
   if any(_is_lazy(v) for v in invals[1:]):
     return _materialize_rule(eqn, invals)
   lazy, rest = invals[0], invals[1:]
+  if isinstance(lazy, _LowRank):
+    return _low_rank_view(eqn, lazy, rest)
+  if not isinstance(lazy, _Lazy):
+    return _materialize_rule(eqn, invals)
   (base,) = _bind(eqn, [lazy.base, *rest])
   params = dict(eqn.params)
   if "fill_value" in params:  # gather: out-of-bounds rows are NaN in `base` anyway
@@ -200,6 +265,26 @@ def _view_rule(eqn, invals):
     # Row-major reshapes keep a contiguous view contiguous.
     return [dataclasses.replace(lazy, base=base)]
   return [lazy.with_view(base, index_op)]
+
+
+def _low_rank_view(eqn, lazy: _LowRank, rest):
+  """Row gathers (embedding lookups) gather the rows of ``left``; other views materialize."""
+  p = eqn.params
+  if eqn.primitive.name == "gather" and lazy.base.ndim == 2:
+    dn = p["dimension_numbers"]
+    (indices,) = rest
+    if (
+      tuple(dn.collapsed_slice_dims) == (0,)
+      and tuple(dn.start_index_map) == (0,)
+      and tuple(dn.offset_dims) == (indices.ndim - 1,)
+      and not tuple(dn.operand_batching_dims)
+      and tuple(p["slice_sizes"]) == (1, lazy.base.shape[1])
+    ):
+      (base,) = _bind(eqn, [lazy.base, indices])
+      params = dict(p, slice_sizes=(1, lazy.left.shape[-1]))
+      (left,) = _bind(eqn, [lazy.left, indices], params)
+      return [_LowRank(base, left, lazy.right)]
+  return _materialize_rule(eqn, [lazy, *rest])
 
 
 def _inline_rule(jaxpr_param: str):
@@ -232,7 +317,7 @@ def _scan_rule(eqn, invals):
   sliced = [
     i
     for i, x in enumerate(xs)
-    if _is_lazy(x) and x.index is None and x.base.ndim >= 1 and x.base.shape[0] == length
+    if isinstance(x, _Lazy) and x.index is None and x.base.ndim >= 1 and x.base.shape[0] == length
   ]
   if not sliced:
     return _materialize_rule(eqn, invals)
@@ -359,53 +444,23 @@ def lazy_leaf_count(params, mask: perturbations.Mask = None, distribution="gauss
   return sum(_lazy_flags(params, flags, distribution))
 
 
-def value_at(
-  value_fn: Callable[[Any], jax.Array],
-  params,
-  key: jax.Array,
-  scale: jax.Array | float,
-  distribution: str = "gaussian",
-  mask: perturbations.Mask = None,
-) -> jax.Array:
-  """``value_fn(perturb(params, key, scale))``, perturbing each leaf where it is used.
-
-  Equal to ``value_fn(zojax.perturbations.perturb(params, key, scale,
-  distribution, mask))`` up to float rounding (the same draws and the same
-  per-element formula ``round(theta + s z)``), with at most the slice of a
-  perturbed leaf that one operation reads held at a time (see the module
-  docstring).
-
-  Args:
-    value_fn: the loss, a function of the parameter pytree.
-    params: the parameter pytree.
-    key: the query key (as for `zojax.perturbations.perturb`).
-    scale: the scalar ``s``.
-    distribution: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
-    mask: which leaves are perturbed (see `zojax.perturbations.resolve_mask`).
-
-  Returns:
-    The outputs of ``value_fn`` (a pytree, as ``value_fn`` returns it).
-  """
-  perturbations.check_distribution(distribution)
-  flags = perturbations.perturbable_leaves(params, mask)
+def _perturbed_values(params, key, scale, distribution, flags) -> list:
+  """Per leaf: a lazy draw for large float32-draw leaves, else the perturbed array."""
   lazy = _lazy_flags(params, flags, distribution)
-  leaves, treedef = jax.tree.flatten(params)
-  scale = jnp.asarray(scale, jnp.float32)
-  if not any(lazy):
-    return value_fn(perturbations.perturb(params, key, scale, distribution, mask))
-  # Small (and non-float32-draw) leaves: perturbed up front, as `perturb` does.
+  leaves = jax.tree.leaves(params)
   factor = None
-  if distribution == "sphere":
+  if distribution == "sphere" and any(lazy):
     factor = perturbations.sphere_factor(key, params, flags)
+  # Small (and non-float32-draw) leaves: perturbed up front, as `perturb` does.
   eager_flags = [f and not lz for f, lz in zip(flags, lazy)]
   eager = perturbations.perturb_flagged(params, key, scale, distribution, eager_flags, factor)
   eager_leaves = jax.tree.leaves(eager)
   all_keys = keys_lib.leaf_keys(key, params)
   base_distribution = "gaussian" if distribution == "sphere" else distribution
-  args = []
+  out = []
   for index, (leaf, is_lazy) in enumerate(zip(leaves, lazy)):
     if is_lazy:
-      args.append(
+      out.append(
         _Lazy(
           base=jnp.asarray(leaf),
           words=fastrandom.seed_words(all_keys[index]),
@@ -417,7 +472,79 @@ def value_at(
         )
       )
     else:
-      args.append(eager_leaves[index])
-  closed, out_shape = jax.make_jaxpr(value_fn, return_shape=True)(params)
+      out.append(eager_leaves[index])
+  return out
+
+
+def value_at(
+  value_fn: Callable[[Any], jax.Array],
+  params,
+  key: jax.Array,
+  scale: jax.Array | float,
+  distribution: str = "gaussian",
+  mask: perturbations.Mask = None,
+  param_map: Callable[[Any], Any] | None = None,
+):
+  """``value_fn(perturb(params, key, scale))``, perturbing each leaf where it is used.
+
+  Equal to ``value_fn(zojax.perturbations.perturb(params, key, scale,
+  distribution, mask))`` up to float rounding (the same draws and the same
+  per-element formula ``round(theta + s z)``), with at most the slice of a
+  perturbed leaf that one operation reads held at a time (see the module
+  docstring).
+
+  With ``param_map`` (the map a combinator such as `zojax.subspace` passes
+  from the estimator's coordinates to the model's parameters) the value is
+  ``value_fn(param_map(perturb(params, ...)))``. A ``param_map`` that has a
+  method ``deferred_leaves(values) -> (treedef, leaves) | None`` takes the
+  perturbed coordinates (arrays or deferred values; `concrete` turns one
+  into its array) and returns the parameters' leaves, deferred where it can
+  (`low_rank`, `deferred`), so that its own parameter-sized work also
+  happens at the point of use; any other ``param_map`` is traced together
+  with ``value_fn``.
+
+  Args:
+    value_fn: the loss, a function of the parameter pytree.
+    params: the parameter pytree (the estimator's coordinates with
+      ``param_map``).
+    key: the query key (as for `zojax.perturbations.perturb`).
+    scale: the scalar ``s``.
+    distribution: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
+    mask: which leaves are perturbed (see `zojax.perturbations.resolve_mask`).
+    param_map: optional map from ``params`` to the parameters ``value_fn``
+      takes.
+
+  Returns:
+    The outputs of ``value_fn`` (a pytree, as ``value_fn`` returns it).
+  """
+  perturbations.check_distribution(distribution)
+  flags = perturbations.perturbable_leaves(params, mask)
+  scale = jnp.asarray(scale, jnp.float32)
+  values = _perturbed_values(params, key, scale, distribution, flags)
+  placed = None
+  if param_map is not None and hasattr(param_map, "deferred_leaves"):
+    placed = param_map.deferred_leaves(values)
+  if placed is not None:
+    full_treedef, args = placed
+    shapes = jax.tree.unflatten(
+      full_treedef,
+      [jax.ShapeDtypeStruct(jnp.shape(_base_of(a)), jnp.result_type(_base_of(a))) for a in args],
+    )
+    fn = value_fn
+  else:
+    args, shapes = values, params
+    fn = value_fn if param_map is None else (lambda p: value_fn(param_map(p)))
+    if not any(_is_lazy(a) for a in args):
+      return fn(jax.tree.unflatten(jax.tree.structure(params), args))
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(shapes)
   outs = _materialize_outputs(_eval_jaxpr(closed.jaxpr, closed.consts, args))
   return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def _base_of(value):
+  """The array whose shape and dtype a (possibly deferred) leaf has."""
+  if isinstance(value, (_Lazy, _LowRank)):
+    return value.base
+  if isinstance(value, _Thunk):
+    return value.shape_like
+  return value

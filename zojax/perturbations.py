@@ -177,6 +177,9 @@ def _draw(key: jax.Array, shape, dtype, distribution: str) -> jax.Array:
 # one, so XLA fuses each draw into its consumer and never holds the direction.
 GROUP_BELOW = 1 << 13
 
+# combine_directions sums up to this many directions as one fused expression.
+UNROLL_SUM_UP_TO = 32
+
 
 def _raw_directions(key, params, distribution, flags) -> list[jax.Array | None]:
   """Per-leaf draws (None for masked-out leaves), sphere-normalised if asked.
@@ -316,8 +319,11 @@ def combine_directions(
 ):
   """Returns ``sum_i weights[i] * z(query_keys[i])`` without storing the z_i.
 
-  By default the directions are regenerated one at a time in a `lax.scan`
-  that accumulates the sum (memory: one direction plus the accumulator).
+  By default, for up to `UNROLL_SUM_UP_TO` directions, the sum is one
+  elementwise expression per leaf, which XLA fuses into whatever consumes it
+  (the update), so neither the directions nor the sum are held; with more,
+  the directions are regenerated one at a time in a `lax.scan` that
+  accumulates the sum (memory: one parameter-sized accumulator).
   With ``vectorize=True`` all directions are drawn at once and contracted
   (memory: ``len(weights)`` directions).
 
@@ -362,6 +368,21 @@ def combine_directions(
       zs = next(it)
       total = jnp.tensordot(weights, zs.astype(acc_dtype(leaf)), axes=1)
       summed.append(total.astype(jnp.result_type(leaf)))
+  elif num <= UNROLL_SUM_UP_TO:
+    # One elementwise expression per leaf: XLA fuses the N draws into the
+    # consumer (the update), so no parameter-sized accumulator is held.
+    summed = [
+      jnp.zeros(jnp.shape(leaf), acc_dtype(leaf)) if flag else None
+      for flag, leaf in zip(flags, leaves)
+    ]
+    for i in range(num):
+      draws = _raw_directions(query_keys[i], params, distribution, flags)
+      summed = [
+        None if a is None else a + weights[i] * z.astype(a.dtype) for a, z in zip(summed, draws)
+      ]
+    summed = [
+      None if t is None else t.astype(jnp.result_type(leaf)) for t, leaf in zip(summed, leaves)
+    ]
   else:
     init = [
       jnp.zeros(jnp.shape(leaf), acc_dtype(leaf)) if flag else None

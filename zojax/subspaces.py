@@ -64,6 +64,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from zojax import keys as keys_lib
 from zojax import orthogonalizers as orth
+from zojax import perturb_at_use
 
 SIDES = ("out", "in", "both")
 BASES = ("haar", "gaussian", "momentum")
@@ -155,16 +156,28 @@ class _Geometry:
       return math.sqrt(spec.fan_in * spec.fan_out) / spec.rank
     return 1.0
 
-  def lift(self, spec, basis, c):
-    """Coordinates -> (fan_in, fan_out) matrix, in float32."""
+  def lift(self, spec, basis, c, fused: bool = False):
+    """Coordinates -> (fan_in, fan_out) matrix, in float32.
+
+    With ``fused=True`` the last product is written as a broadcast multiply
+    and a sum over the rank instead of a matmul. XLA fuses that expression
+    into its consumer (the update ``theta - lr * lift(u)``, in the donated
+    buffer), while a matmul's output is a parameter-sized buffer of its own,
+    and XLA's CPU scheduler ran every leaf's matmul before any update, so
+    the lifted updates of all leaves were held at once.
+    """
     c = c.astype(jnp.float32)
     if self.side == "out":
-      m = c @ basis.T
+      left, right = c, basis.T
     elif self.side == "in":
-      m = basis @ c
+      left, right = basis, c
     else:
       b_in, b_out = basis
-      m = b_in @ c @ b_out.T
+      left, right = b_in, c @ b_out.T
+    if fused:
+      m = jnp.sum(left[:, :, None] * right[None, :, :], axis=1)
+    else:
+      m = left @ right
     return self.factor(spec) * m
 
   def project(self, spec, basis, m):
@@ -196,6 +209,72 @@ class _Geometry:
     else:
       out = change(old[0], new[0]) @ c32 @ change(old[1], new[1]).T
     return out.astype(c.dtype)
+
+
+class _Assemble:
+  """Coordinates -> parameters ``x + lift(c)``: the ``param_map`` `subspace` passes.
+
+  Also tells `zojax.perturb_at_use.value_at` how to form each lifted leaf at
+  its point of use (``deferred_leaves``), so a perturbed forward never holds
+  every lifted matrix at once.
+  """
+
+  def __init__(self, geo: _Geometry, p_leaves, bases, param_map):
+    self.geo, self.p_leaves, self.bases, self.param_map = geo, p_leaves, bases, param_map
+
+  def _lifted(self, x, c, spec, b):
+    delta = spec.from_matrix(self.geo.lift(spec, b, c))
+    return (x.astype(jnp.float32) + delta).astype(spec.dtype)
+
+  def __call__(self, coords):
+    c_leaves = self.geo.treedef.flatten_up_to(coords)
+    out = [
+      c if spec is None else self._lifted(x, c, spec, b)
+      for x, c, spec, b in zip(self.p_leaves, c_leaves, self.geo.specs, self.bases)
+    ]
+    full = jax.tree.unflatten(self.geo.treedef, out)
+    return full if self.param_map is None else self.param_map(full)
+
+  def _low_rank_factors(self, spec: _LeafSpec, b, c):
+    """``(left, right)`` with ``lift(c) = left @ right`` when the leaf is its own matrix view."""
+    if len(spec.shape) != 2 or spec.shape != (spec.fan_in, spec.fan_out):
+      return None
+    axes = lambda a: tuple(a) if isinstance(a, (tuple, list)) else (a,)  # noqa: E731
+    dims = spec.dim_nums
+    if axes(dims.reduction_axis) not in ((0,), (-2,)):
+      return None
+    if axes(dims.output_axis) not in ((1,), (-1,)):
+      return None
+    f = self.geo.factor(spec)
+    c = c.astype(jnp.float32)
+    if self.geo.side == "out":
+      return f * c, b.T
+    if self.geo.side == "in":
+      return b, f * c
+    b_in, b_out = b
+    return b_in, f * (c @ b_out.T)
+
+  def deferred_leaves(self, values):
+    """The parameters' leaves for `zojax.perturb_at_use.value_at` (None: trace ``__call__``)."""
+    if self.param_map is not None:
+      return None
+    out = []
+    for x, value, spec, b in zip(self.p_leaves, values, self.geo.specs, self.bases):
+      if spec is None:
+        out.append(value)
+        continue
+      c = perturb_at_use.concrete(value)
+      factors = self._low_rank_factors(spec, b, c)
+      if factors is not None:
+        out.append(perturb_at_use.low_rank(x, *factors))
+      else:
+
+        def lifted(zero, x=x, c=c, spec=spec, b=b):
+          c = c if zero is None else c + zero.astype(c.dtype)
+          return self._lifted(x, c, spec, b)
+
+        out.append(perturb_at_use.deferred(lifted, x))
+    return self.geo.treedef, out
 
 
 def _draw_basis(geometry: _Geometry, spec: _LeafSpec, key, kind: str):
@@ -431,19 +510,7 @@ def subspace(
         lambda: refresh(geo, state, template),
         lambda: (state.bases, state.inner_state),
       )
-    p_leaves = geo.treedef.flatten_up_to(params)
-
-    def assemble(coords):
-      c_leaves = geo.treedef.flatten_up_to(coords)
-      out = []
-      for x, c, spec, b in zip(p_leaves, c_leaves, geo.specs, bases):
-        if spec is None:
-          out.append(c)
-        else:
-          delta = spec.from_matrix(geo.lift(spec, b, c))
-          out.append((x.astype(jnp.float32) + delta).astype(spec.dtype))
-      full = jax.tree.unflatten(geo.treedef, out)
-      return full if param_map is None else param_map(full)
+    assemble = _Assemble(geo, geo.treedef.flatten_up_to(params), bases, param_map)
 
     if updates is None:
       inner_updates = None
@@ -464,7 +531,7 @@ def subspace(
     def lift_update(u, spec, b):
       if spec is None:
         return u
-      m = geo.lift(spec, b, u)
+      m = geo.lift(spec, b, u, fused=True)
       if update_scale == "inverse_rank":
         m = m / spec.rank
       return spec.from_matrix(m).astype(spec.dtype)
