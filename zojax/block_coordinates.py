@@ -417,17 +417,50 @@ def block_coordinate(
           sub_updates, inner_states[b], sub_params, param_map=to_full, **extra_args
         )
         new = iter(jax.tree.leaves(new_sub))
-        out = [
-          jnp.asarray(next(new), jnp.result_type(x)) if i == b else jnp.zeros(jnp.shape(x), x.dtype)
-          for x, i in zip(leaves, ids)
-        ]
+        mine = {index: next(new) for index, i in enumerate(ids) if i == b}
+        out = []
+        for slot in slots:
+          index = slot_of_leaf_in_block[b].get(slot)
+          if index is None:
+            out.append(jnp.zeros(slot[0], slot[1]))
+          else:
+            out.append(jnp.asarray(mine[index], slot[1]))
         states = inner_states[:b] + (new_state,) + inner_states[b + 1 :]
-        return jax.tree.unflatten(treedef, out), states, _inner_loss(new_state)
+        return out, states, _inner_loss(new_state)
 
       return branch
 
+    # The switch returns one block's worth of updates, in "slots" keyed by
+    # (shape, dtype, occurrence): every leaf's update is then selected from its
+    # slot outside the switch (zero unless its block is active), an
+    # elementwise expression XLA fuses into the update of the parameters.
+    # Returning the whole update tree from the switch would make XLA hold a
+    # parameter-sized buffer for it (a conditional's outputs are buffers).
+    slot_of_leaf_in_block = [dict() for _ in range(num_blocks)]
+    leaf_slot = [None] * len(leaves)
+    for b in range(num_blocks):
+      seen: dict = {}
+      for index, (x, i) in enumerate(zip(leaves, ids)):
+        if i != b:
+          continue
+        kind = (tuple(jnp.shape(x)), jnp.result_type(x))
+        slot = (*kind, seen.get(kind, 0))
+        seen[kind] = slot[2] + 1
+        slot_of_leaf_in_block[b][slot] = index
+        leaf_slot[index] = slot
+    slots = sorted({s for d in slot_of_leaf_in_block for s in d}, key=repr)
     branches = [make_branch(b) for b in range(num_blocks)]
-    new_updates, inner_states, loss = jax.lax.switch(block, branches, state.inner_states)
+    slot_values, inner_states, loss = jax.lax.switch(block, branches, state.inner_states)
+    by_slot = dict(zip(slots, slot_values))
+    new_updates = jax.tree.unflatten(
+      treedef,
+      [
+        jnp.zeros(jnp.shape(x), x.dtype)
+        if i < 0
+        else jnp.where(block == i, by_slot[leaf_slot[index]], jnp.zeros((), x.dtype))
+        for index, (x, i) in enumerate(zip(leaves, ids))
+      ],
+    )
     new_state = BlockCoordinateState(
       count=optax.safe_increment(state.count),
       key=state.key,
