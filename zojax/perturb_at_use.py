@@ -23,13 +23,16 @@ an operation consumes the leaf, and only for what that operation reads:
 * nested ``jit``, ``remat``/``checkpoint``, ``custom_jvp``/``custom_vjp``
   calls are inlined and evaluated the same way.
 * any other operation (a matmul, say) gets the perturbed leaf, computed just
-  before it. Its inputs that are not lazy and the leaf's hash words pass
-  together through `jax.lax.optimization_barrier`, so the draw cannot be
-  computed before the operation's other inputs exist: XLA can neither hoist
-  every perturbation to the start of the program (or out of the queries'
-  loop, as loop-invariant code) nor merge the draws of the two queries and
-  of the update into one stored direction (its common-subexpression pass),
-  which is what kept a full perturbed copy alive before.
+  before it. The draw is made data-dependent on the operation's other inputs
+  and on the leaf's own hash words (a zero that no compiler pass can prove
+  is zero is added to the hash words and to the element indices, which are
+  built from small 1-D iotas): XLA then can neither compute every
+  perturbation at the start of the program, nor hoist a draw or an index
+  array out of the queries' loop or a scan as loop-invariant code, nor merge
+  the draws of the two queries and of the update into one stored direction
+  (its common-subexpression pass). Each of these kept a full perturbed copy
+  (or leaf-sized index arrays) alive in a probe of 12 unrolled layers, and
+  `jax.lax.optimization_barrier` did not prevent them on XLA's CPU backend.
 
 Why a jaxpr interpreter rather than an API the model calls: any model (Flax
 linen or NNX, equinox, plain functions, unrolled or scanned layers) gets it
@@ -56,6 +59,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
@@ -139,9 +143,11 @@ class _Lazy(_Deferred):
     offset: for a contiguous view, the flat index of its first element in the
       leaf (the view's elements are then ``offset + 0, 1, ...`` row-major);
       None when ``index`` is given instead.
-    index: for other views, a function returning the uint32 flat indices of
-      the view's elements (shape ``base.shape``).
+    index: for other views, a function of a uint32 zero returning the uint32
+      flat indices of the view's elements (shape ``base.shape``).
     distribution: ``"gaussian"`` or ``"rademacher"``.
+    sentinel: whether some indices are ``0xFFFFFFFF``, elements a fill-mode
+      gather read out of bounds, which keep their (fill) value.
   """
 
   base: Any
@@ -149,30 +155,39 @@ class _Lazy(_Deferred):
   scale: Any
   factor: Any
   offset: Any
-  index: Callable[[], jax.Array] | None
+  index: Callable[[jax.Array], jax.Array] | None
   distribution: str
+  sentinel: bool = False
 
-  def indices(self) -> jax.Array:
+  def indices(self, zero: jax.Array) -> jax.Array:
+    """uint32 flat indices of the view's elements in the leaf (plus ``zero``)."""
     if self.index is not None:
-      return self.index()
-    size = math.prod(self.base.shape)
-    flat = lax.iota(jnp.uint32, size).reshape(self.base.shape)
-    return flat + jnp.asarray(self.offset, jnp.uint32)
+      return self.index(zero)
+    return _contiguous_indices(self.base.shape, jnp.asarray(self.offset, jnp.uint32) + zero)
 
-  def with_view(self, base, index_op: Callable[[jax.Array], jax.Array]) -> _Lazy:
+  def with_view(self, base, index_op: Callable[[jax.Array], jax.Array], sentinel=False) -> _Lazy:
     parent = self.indices
-    return dataclasses.replace(self, base=base, offset=None, index=lambda: index_op(parent()))
+    return dataclasses.replace(
+      self,
+      base=base,
+      offset=None,
+      index=lambda zero: index_op(parent(zero)),
+      sentinel=self.sentinel or sentinel,
+    )
 
   def materialize(self, zero: jax.Array | None = None) -> jax.Array:
     """``round(base + s z)`` in the base's dtype, as `zojax.perturbations.perturb`.
 
     ``zero`` (a uint32 zero with data dependencies, see `_zero_depending_on`)
-    is added to the hash words and the indices: same values, later schedule.
+    is added to the hash words and the indices, together with a zero that
+    depends on the hash words themselves: same values, but nothing of the
+    draw is loop-invariant or shared with another draw, so XLA neither
+    hoists an index array out of a loop nor stores one for several uses.
     """
     k0, k1 = self.words
-    index = self.indices()
-    if zero is not None:
-      k0, k1, index = k0 + zero, k1 + zero, index + zero
+    zero = _zero_of_word(k0) + (jnp.uint32(0) if zero is None else zero)
+    k0, k1 = k0 + zero, k1 + zero
+    index = self.indices(zero)
     bits = fastrandom.bits_at((k0, k1), index)
     if self.distribution == "rademacher":
       z = fastrandom.rademacher_from_bits(bits, jnp.float32)
@@ -180,8 +195,40 @@ class _Lazy(_Deferred):
       z = fastrandom.normal_from_bits(bits, jnp.float32)
     if self.factor is not None:
       z = z * self.factor
-    out = self.base.astype(jnp.float32) + self.scale * z
-    return out.astype(self.base.dtype)
+    out = (self.base.astype(jnp.float32) + self.scale * z).astype(self.base.dtype)
+    if self.sentinel:  # rows a fill-mode gather read out of bounds keep the fill value
+      out = jnp.where(index == _SENTINEL, self.base, out)
+    return out
+
+
+_SENTINEL = np.uint32(0xFFFFFFFF)
+
+
+def _zero_of_word(word: jax.Array) -> jax.Array:
+  """A uint32 zero computed from ``word`` (see `_zero_depending_on`)."""
+  f = lax.bitcast_convert_type(jnp.asarray(word, jnp.uint32), jnp.float32)
+  return ((f != f) & (f == f)).astype(jnp.uint32)
+
+
+def _contiguous_indices(shape: tuple[int, ...], start: jax.Array) -> jax.Array:
+  """``start + (row-major flat index)`` for every element of ``shape``.
+
+  Built from one small 1-D iota per axis, broadcast and added: XLA fuses that
+  into the draw, where a ``shape``-sized iota would be hoisted out of loops
+  and stored.
+  """
+  if not shape:
+    return start
+  out = None
+  stride = 1
+  for axis in range(len(shape) - 1, -1, -1):
+    line = lax.iota(jnp.uint32, shape[axis]) * jnp.uint32(stride)
+    if axis == 0:
+      line = line + start
+    part = lax.broadcast_in_dim(line, shape, (axis,))
+    out = part if out is None else out + part
+    stride *= shape[axis]
+  return out
 
 
 def _is_lazy(x) -> bool:
@@ -255,8 +302,11 @@ def _view_rule(eqn, invals):
     return _materialize_rule(eqn, invals)
   (base,) = _bind(eqn, [lazy.base, *rest])
   params = dict(eqn.params)
-  if "fill_value" in params:  # gather: out-of-bounds rows are NaN in `base` anyway
-    params["fill_value"] = 0
+  sentinel = False
+  if "fill_value" in params:
+    # Out-of-bounds rows of a fill-mode gather keep the fill value, unperturbed.
+    params["fill_value"] = _SENTINEL
+    sentinel = params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP
 
   def index_op(index):
     return _bind(eqn, [index, *rest], params)[0]
@@ -264,7 +314,7 @@ def _view_rule(eqn, invals):
   if eqn.primitive.name == "reshape" and lazy.index is None and not params.get("dimensions"):
     # Row-major reshapes keep a contiguous view contiguous.
     return [dataclasses.replace(lazy, base=base)]
-  return [lazy.with_view(base, index_op)]
+  return [lazy.with_view(base, index_op, sentinel)]
 
 
 def _low_rank_view(eqn, lazy: _LowRank, rest):
