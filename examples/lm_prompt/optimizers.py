@@ -1,0 +1,196 @@
+"""The optimizers the language-model example offers: every zojax preset and backprop with Adam.
+
+`make` turns a name from `NAMES` and the command-line settings into an
+`Optimizer`: the optax transformation, how many forward passes a step costs
+(what ``--forward-budget`` counts) and whether it needs gradients. Low-precision
+weights get a float32 master copy (`zojax.master_weights`) or stochastic
+rounding (`zojax.stochastic_rounding`) around the optimizer.
+
+The decoder's parameters (examples/lm_prompt/model.py) are plain nested dicts
+whose linear kernels are flax-style ``(in, out)`` matrices, so zojax's default
+matrix view applies to every 2-D leaf (kernels, the token and position tables)
+and no dimension numbers are needed. MeZO-BCD's blocks are the decoder layers
+(`layer_blocks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+import zojax
+
+ZEROTH_ORDER = ("mezo", "mezo_bcd", "zo_muon", "zo_mopi", "lozo", "lozo_m", "subzero")
+FIRST_ORDER = ("fo-adam",)
+NAMES = ZEROTH_ORDER + FIRST_ORDER
+# Methods that treat every weight matrix on its own (a random subspace or low-rank factor per
+# matrix, or a Newton-Schulz step on it). The scanned layout stacks the layers' matrices into one
+# leaf, which zojax.subspace cannot split per layer, so these need the unrolled layout.
+PER_MATRIX = ("zo_muon", "zo_mopi", "lozo", "lozo_m", "subzero")
+BF16_UPDATES = ("master", "stochastic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An optimizer as the training loop uses it.
+
+  Attributes:
+    name: one of `NAMES`.
+    tx: the optax transformation (``GradientTransformationExtraArgs`` taking
+      ``value_fn=`` for the zeroth-order ones).
+    forwards_per_step: forward passes one step costs (a backprop step counts
+      its one forward pass; its backward pass is not a forward).
+    zeroth_order: whether the step uses forward passes only.
+  """
+
+  name: str
+  tx: optax.GradientTransformation
+  forwards_per_step: int
+  zeroth_order: bool
+
+
+def layer_blocks(params) -> Any:
+  """MeZO-BCD's blocks for the unrolled decoder: one block per layer, nothing else trained.
+
+  Decoder layer ``i`` (``params["layers"][i]``) is block ``i``; the token and
+  position tables, the final norm, OPT's ``project_in``/``project_out`` and an
+  untied ``lm_head`` get id ``-1`` and stay frozen, as in the reference code of
+  MeZO-BCD (arXiv 2501.19099, siihwanpark/zo-block: ``include_embedding`` and
+  ``include_lm_head`` both default to False). This is
+  `zojax.top_level_blocks` applied one level down, to the list of layers.
+
+  Args:
+    params: decoder parameters in the unrolled layout (``params["layers"]`` a
+      list of per-layer dicts).
+
+  Returns:
+    A pytree of Python ints with the structure of ``params``.
+
+  Raises:
+    ValueError: the layers are stacked (the scanned layout): MeZO-BCD picks
+      whole leaves, and there one leaf holds every layer.
+  """
+  layers = params["layers"]
+  if not isinstance(layers, list | tuple):
+    raise ValueError(
+      "MeZO-BCD needs --layout unrolled: its blocks are the decoder layers, and the scanned "
+      "layout stacks all layers into each leaf"
+    )
+  frozen = {k: jax.tree.map(lambda _: -1, v) for k, v in params.items() if k != "layers"}
+  ids = [jax.tree.map(lambda _, i=i: i, layer) for i, layer in enumerate(layers)]
+  return {**frozen, "layers": type(layers)(ids)}
+
+
+def _default(preset: Callable, argument: str) -> Any:
+  return inspect.signature(preset).parameters[argument].default
+
+
+def _base(
+  name: str,
+  learning_rate: float,
+  *,
+  eps: float,
+  num_queries: int | None,
+  rank: int | None,
+  refresh_every: int | None,
+  vector_learning_rate: float | None,
+  seed: int,
+) -> tuple[optax.GradientTransformation, int]:
+  """The transformation of ``name`` before any low-precision wrapper, and its forwards per step."""
+  given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+  if name == "fo-adam":
+    return optax.adam(learning_rate), 1
+  if name == "mezo":
+    q = num_queries or 1
+    return zojax.mezo(learning_rate, eps, num_queries=q, seed=seed), 2 * q
+  if name == "mezo_bcd":
+    q = num_queries or 1
+    tx = zojax.mezo_bcd(
+      learning_rate,
+      eps,
+      blocks=layer_blocks,
+      num_queries=q,
+      seed=seed,
+      **given(switch_every=refresh_every),
+    )
+    return tx, 2 * q
+  if vector_learning_rate is None:
+    vector_learning_rate = learning_rate / 100
+  if name in ("zo_muon", "zo_mopi"):
+    preset = zojax.zo_muon if name == "zo_muon" else zojax.zo_mopi
+    tx = preset(
+      learning_rate,
+      eps=eps,
+      vector_learning_rate=vector_learning_rate,
+      seed=seed,
+      **given(num_queries=num_queries, rank=rank, refresh_every=refresh_every),
+    )
+    q = num_queries or _default(preset, "num_queries")
+    return tx, zojax.forwards_per_step(q, "one_sided")
+  preset = {"lozo": zojax.lozo, "lozo_m": zojax.lozo_m, "subzero": zojax.subzero}[name]
+  tx = preset(learning_rate, eps=eps, seed=seed, **given(rank=rank, refresh_every=refresh_every))
+  return tx, 2
+
+
+def make(
+  name: str,
+  learning_rate: float,
+  *,
+  eps: float = 1e-3,
+  num_queries: int | None = None,
+  rank: int | None = None,
+  refresh_every: int | None = None,
+  vector_learning_rate: float | None = None,
+  seed: int = 0,
+  low_precision: str | None = None,
+) -> Optimizer:
+  """Builds optimizer ``name`` with the given settings (None: the preset's default).
+
+  Args:
+    name: one of `NAMES`.
+    learning_rate: the learning rate (of the matrix parameters, for ZO-Muon
+      and ZO-MOPI).
+    eps: ZO perturbation scale.
+    num_queries: directions per step (MeZO, MeZO-BCD, ZO-Muon, ZO-MOPI).
+    rank: subspace rank (ZO-Muon, ZO-MOPI, LOZO, LOZO-M, SubZero).
+    refresh_every: steps between subspace refreshes (block switches for
+      MeZO-BCD).
+    vector_learning_rate: learning rate of 1-D parameters for ZO-Muon and
+      ZO-MOPI (default: ``learning_rate / 100``).
+    seed: seed of the optimizer's key.
+    low_precision: None for float32 parameters; ``"master"`` wraps the
+      optimizer in `zojax.master_weights` (a float32 copy in the state),
+      ``"stochastic"`` appends `zojax.stochastic_rounding` (keyed, unbiased
+      rounding of each update to the parameters' dtype).
+
+  Returns:
+    An `Optimizer`.
+
+  Raises:
+    ValueError: an unknown name or ``low_precision`` (the message lists the
+      valid ones).
+  """
+  if name not in NAMES:
+    raise ValueError(f"Unknown optimizer {name!r}; choose one of: {', '.join(NAMES)}.")
+  if low_precision not in (None, *BF16_UPDATES):
+    raise ValueError(f"low_precision must be None or one of {BF16_UPDATES}, got {low_precision!r}")
+  tx, forwards = _base(
+    name,
+    learning_rate,
+    eps=eps,
+    num_queries=num_queries,
+    rank=rank,
+    refresh_every=refresh_every,
+    vector_learning_rate=vector_learning_rate,
+    seed=seed,
+  )
+  if low_precision == "master":
+    tx = zojax.master_weights(tx)
+  elif low_precision == "stochastic":
+    tx = optax.with_extra_args_support(optax.chain(tx, zojax.stochastic_rounding(seed=seed)))
+  return Optimizer(name, tx, forwards, name in ZEROTH_ORDER)
