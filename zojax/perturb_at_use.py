@@ -44,6 +44,15 @@ assignment, it drifts ``theta`` by rounding every step (so a replay or a
 resumed run is no longer exact), and it cannot be expressed through optax's
 ``updates`` interface, which needs ``theta`` intact until `optax.apply_updates`.
 
+Data parallelism: under `jax.shard_map` or `jax.pmap` the ordering zero is
+computed from the replica's own activations and costs no communication.
+Under plain sharded `jit`, reading one element of a batch-sharded activation
+makes XLA's partitioner insert one scalar all-reduce per perturbed weight
+outside a ``scan`` body (inside one no ordering zero is used: a body holds
+one layer's slices anyway). Scalars still, but more of them than the loss
+values; scanned layers, `jax.shard_map`, or ``perturb_at_use=False`` avoid
+them.
+
 Leaves below `zojax.perturbations.GROUP_BELOW` entries, leaves whose draws
 are not float32 (float64 leaves use `jax.random`), and leaves an operation
 above cannot see through (a ``while`` loop, a ``cond``) are perturbed up
@@ -253,6 +262,9 @@ def _zero_depending_on(values: Sequence[Any]) -> jax.Array | None:
   return None
 
 
+_SCAN_DEPTH = [0]  # > 0 while a scan body is being evaluated
+
+
 def _tie_and_materialize(values: Sequence[Any]) -> list[Any]:
   """Materializes the lazy entries of ``values`` once the others exist.
 
@@ -263,7 +275,9 @@ def _tie_and_materialize(values: Sequence[Any]) -> list[Any]:
   """
   if not any(_is_lazy(v) for v in values):
     return list(values)
-  zero = _zero_depending_on([v for v in values if not _is_lazy(v)])
+  # Inside a scan body only one layer's slices are live anyway: no tie there,
+  # which also spares sharded-jit data parallelism its scalar collectives.
+  zero = None if _SCAN_DEPTH[0] else _zero_depending_on([v for v in values if not _is_lazy(v)])
   out = []
   for v in values:
     if _is_lazy(v):
@@ -398,7 +412,11 @@ def _scan_rule(eqn, invals):
         args.append(dataclasses.replace(lazy, base=piece, offset=offset))
       else:
         args.append(plain)
-    outs = _materialize_outputs(_eval_jaxpr(body.jaxpr, body.consts, args))
+    _SCAN_DEPTH[0] += 1
+    try:
+      outs = _materialize_outputs(_eval_jaxpr(body.jaxpr, body.consts, args))
+    finally:
+      _SCAN_DEPTH[0] -= 1
     return outs[:num_carry], outs[num_carry:]
 
   steps = lax.iota(jnp.uint32, length)

@@ -64,7 +64,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from zojax import keys as keys_lib
 from zojax import orthogonalizers as orth
-from zojax import perturb_at_use
+from zojax import perturb_at_use, perturbations
 
 SIDES = ("out", "in", "both")
 BASES = ("haar", "gaussian", "momentum")
@@ -264,6 +264,9 @@ class _Assemble:
         out.append(value)
         continue
       c = perturb_at_use.concrete(value)
+      if math.prod(spec.shape) < perturbations.GROUP_BELOW:  # small: formed up front
+        out.append(self._lifted(x, c, spec, b))
+        continue
       factors = self._low_rank_factors(spec, b, c)
       if factors is not None:
         out.append(perturb_at_use.low_rank(x, *factors))
