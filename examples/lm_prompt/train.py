@@ -434,27 +434,28 @@ class Setup:
   description: dict
 
 
-def _bos_id(tokenizer) -> int | None:
-  """The one token a tokenizer's post-processor puts before every text, if it does.
+def _special_ids(model_dir: str, config: model_lib.DecoderConfig, tokenizer) -> tuple:
+  """``(bos_id, pad_id)`` for the prompts of a Hugging Face model.
 
-  OPT's ``tokenizer.json`` prepends ``</s>`` (id 2), Llama's ``<|begin_of_text|>``
-  or ``<s>``; Qwen's prepends nothing. MeZO's encoding keeps what the tokenizer
-  adds, so the prompts are encoded with that token first.
+  BOS: the one token the tokenizer's post-processor puts before every text
+  (Llama's ``<|begin_of_text|>`` or ``<s>``; Qwen's adds none), as MeZO's
+  encoding keeps what the tokenizer adds. OPT's Python tokenizer prepends
+  ``</s>`` itself, which a ``tokenizer.json`` may not record, so for OPT the
+  config's ``bos_token_id`` (2) is used when the post-processor adds nothing.
+  PAD: the config's ``pad_token_id``, else 0 (padded positions are masked out,
+  so any id in the vocabulary will do).
   """
-  plain = tokenizer.encode("a", add_special_tokens=False).ids
-  full = tokenizer.encode("a", add_special_tokens=True).ids
-  if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
-    prefix = full[: len(full) - len(plain)]
-    if len(prefix) == 1:
-      return int(prefix[0])
-  return None
-
-
-def _pad_id(model_dir: str) -> int:
   with open(os.path.join(model_dir, "config.json")) as f:
     hf = json.load(f)
+  bos = None
+  plain = tokenizer.encode("a", add_special_tokens=False).ids
+  full = tokenizer.encode("a", add_special_tokens=True).ids
+  if len(full) == len(plain) + 1 and full[1:] == plain:
+    bos = int(full[0])
+  elif config.family == "opt" and isinstance(hf.get("bos_token_id"), int):
+    bos = int(hf["bos_token_id"])
   pad = hf.get("pad_token_id")
-  return int(pad) if isinstance(pad, int) else 0
+  return bos, int(pad) if isinstance(pad, int) else 0
 
 
 def _load_examples(args, task) -> data_lib.Splits:
@@ -518,13 +519,17 @@ def build_setup(args, log: Callable[[str], None]) -> Setup:
       config = checkpoint_lib.load_config(args.model_dir)
       tokenizer = checkpoint_lib.load_tokenizer(args.model_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
-      message = e.args[0] if isinstance(e, KeyError) and e.args else e
+      message = f"config.json has no {e.args[0]!r} entry" if isinstance(e, KeyError) else e
       raise UsageError(f"--model-dir {args.model_dir}: {message}") from None
     limit = HF_MAX_LENGTH if config.family != "opt" else min(HF_MAX_LENGTH, config.max_positions)
     if args.max_length is None:
       args.max_length = limit
-    bos_id, pad_id = _bos_id(tokenizer), _pad_id(args.model_dir)
-    description = {"model": os.path.abspath(args.model_dir), "model_type": config.model_type}
+    bos_id, pad_id = _special_ids(args.model_dir, config, tokenizer)
+    description = {
+      "model": os.path.abspath(args.model_dir),
+      "model_type": config.model_type,
+      "bos_id": bos_id,
+    }
 
     def load_params():
       try:
@@ -540,7 +545,7 @@ def build_setup(args, log: Callable[[str], None]) -> Setup:
     if args.max_length is None:
       args.max_length = EMBEDDED_MAX_LENGTH
     bos_id, pad_id = synthetic.BOS_ID, synthetic.PAD_ID
-    description = {"model": "embedded", "model_type": "opt"}
+    description = {"model": "embedded", "model_type": "opt", "bos_id": bos_id}
     settings = pretrain_lib.PretrainSettings(
       steps=args.pretrain_steps, batch_size=args.pretrain_batch_size, seed=args.seed
     )
@@ -801,7 +806,10 @@ def run_config(args, optimizer: optimizers.Optimizer) -> dict:
 
 
 def _plot(history: list[dict], path: str, title: str) -> None:
-  """Eval (and dev) accuracy against forward passes and against training time."""
+  """Eval (and dev) accuracy against forward passes and against training time.
+
+  ``history`` starts with the accuracy before fine-tuning (step 0).
+  """
   import matplotlib
 
   matplotlib.use("Agg")
@@ -1000,7 +1008,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
         bar.set_postfix(
           loss=f"{float(loss_value):.4f}",
           acc="-" if accuracy is None else f"{accuracy:.3f}",
-          fwd=progress_state["forwards"],
+          fwd=str(progress_state["forwards"]),
           refresh=False,
         )
   if bar is not None:
@@ -1037,7 +1045,9 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
     **setup.description,
   }
   if args.plot:
-    _plot(history, args.plot, f"{args.optimizer} on {args.task}")
+    start = {"forwards": 0, "seconds": 0.0, "eval_accuracy": accuracy_before}
+    start["dev_accuracy"] = dev_before
+    _plot([start, *history], args.plot, f"{args.optimizer} on {args.task}")
   log(
     f"after {summary['steps']} {args.optimizer} steps ({summary['forward_passes']} forward "
     f"passes, {summary['train_seconds']:.1f} s + {summary['compile_seconds']:.1f} s compile): "
