@@ -117,6 +117,15 @@ HF_MAX_LENGTH = 2048
 PAD_MULTIPLE = 8
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows a flag's default unless it is None or a switch (their help says what happens)."""
+
+  def _get_help_string(self, action):
+    if action.default is None or isinstance(action.default, bool):
+      return action.help
+    return super()._get_help_string(action)
+
+
 class UsageError(Exception):
   """A bad command line, model, data set or environment: one message and exit code 2."""
 
@@ -126,7 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
     prog="python -m examples.lm_prompt.train",
     description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=_HelpFormatter,
   )
   g = p.add_argument_group("model and data")
   g.add_argument(
@@ -240,8 +249,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--steps",
     type=int,
     default=None,
-    help=f"maximum optimizer steps (default: {STEPS['embedded']} embedded, MeZO's "
-    f"{STEPS['pretrained']} with --model-dir).",
+    help=f"maximum optimizer steps (default: MeZO's {STEPS['pretrained']}).",
   )
   g.add_argument(
     "--forward-budget",
