@@ -61,11 +61,9 @@ def mlp_problem():
 TRACES = []  # one entry per Python trace of the shared step function
 
 
-@functools.cache
-def shared_step():
-  """The one jitted MeZO-BCD step most tests reuse (a single compile)."""
-  params, loss, batch = mlp_problem()
-  tx = mezo_bcd(
+def make_bcd(loss):
+  """The MeZO-BCD optimizer the tests use: hidden layers as blocks, head frozen."""
+  return mezo_bcd(
     LEARNING_RATE,
     EPS,
     blocks=lambda p: top_level_blocks(p, exclude=["head"]),
@@ -74,6 +72,13 @@ def shared_step():
     seed=0,
     loss_fn=loss,
   )
+
+
+@functools.cache
+def shared_step():
+  """The one jitted MeZO-BCD step most tests reuse (a single compile)."""
+  params, loss, batch = mlp_problem()
+  tx = make_bcd(loss)
 
   @jax.jit
   def step(p, state, batch):
@@ -133,15 +138,7 @@ def test_step_is_mezo_on_the_active_block():
   with numerics.float64():
     params, batch = numerics.to_float64((mlp_problem()[0], mlp_problem()[2]))
     loss = mlp_problem()[1]
-    tx = mezo_bcd(
-      LEARNING_RATE,
-      EPS,
-      blocks=lambda p: top_level_blocks(p, exclude=["head"]),
-      switch_every=SWITCH_EVERY,
-      order="random",
-      seed=0,
-      loss_fn=loss,
-    )
+    tx = make_bcd(loss)
     state = tx.init(params)
     updates, new_state = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b))(
       params, state, batch
