@@ -105,7 +105,14 @@ def decoder_layer_blocks(params):
 
 
 def make_optimizer(mode: str):
-  """The transform of a mode, at the papers' LLM settings (learning rates do not matter here)."""
+  """The transform of a mode, at the papers' LLM settings (learning rates do not matter here).
+
+  The per-matrix methods get the decoder's matrix view
+  (`examples.lm_prompt.model.matrix_dimension_numbers`: one matrix per layer
+  in either layout, token and position tables with the vocabulary as their
+  output axis, as the released PyTorch code treats them).
+  """
+  dims = model_lib.matrix_dimension_numbers
   if mode == "mezo_upfront":
     return optax.chain(zojax.zo_grad(perturb_at_use=False), optax.sgd(1e-6))
   if mode == "mezo":
@@ -113,15 +120,15 @@ def make_optimizer(mode: str):
   if mode == "mezo_bcd":
     return zojax.mezo_bcd(1e-6, blocks=decoder_layer_blocks)
   if mode == "zo_muon":
-    return zojax.zo_muon(1e-2, rank=64, num_queries=4, refresh_every=100)
+    return zojax.zo_muon(1e-2, rank=64, num_queries=4, refresh_every=100, dimension_numbers=dims)
   if mode == "zo_mopi":
-    return zojax.zo_mopi(1e-2)
+    return zojax.zo_mopi(1e-2, dimension_numbers=dims)
   if mode == "lozo":
-    return zojax.lozo(1e-6)
+    return zojax.lozo(1e-6, dimension_numbers=dims)
   if mode == "lozo_m":
-    return zojax.lozo_m(1e-6)
+    return zojax.lozo_m(1e-6, dimension_numbers=dims)
   if mode == "subzero":
-    return zojax.subzero(1e-6)
+    return zojax.subzero(1e-6, dimension_numbers=dims)
   if mode == "adam":
     return optax.adam(1e-5)
   raise ValueError(f"unknown mode {mode!r}")

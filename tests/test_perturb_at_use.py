@@ -56,6 +56,7 @@ import optax
 import pytest
 from jax import lax
 from jax.extend import core as jex_core
+from optax.contrib import MuonDimensionNumbers
 
 import zojax
 from tests import numerics
@@ -840,32 +841,42 @@ def _update_bound(tree, step_key, c, bound_c, num_queries, distribution="gaussia
   return bound
 
 
-def _subspace_loss_gap(loss64, params, bases, coords, key, scale):
+def _lift_to_leaf(c, q, leaf_shape, layout):
+  """``C Q^T`` (per slice for "stacked") in a leaf's own layout, float64 numpy."""
+  m = np.matmul(c, np.swapaxes(q, -1, -2))
+  return (m.T if layout == "transposed" else m).reshape(leaf_shape)
+
+
+def _subspace_loss_gap(loss64, params, bases, coords, key, scale, layouts):
   """`_loss_gap` for ``W = W0 + C Q^T`` (zo_muon): C perturbed, then lifted in float32.
 
   Two programs' C differ by ``delta_C`` (`_weight_gap`); their lifted
   weights by ``delta_C |Q|^T + 2 r u |C| |Q|^T + 4u (|W0| + |C| |Q|^T)`` (a
   float32 matmul over the rank, then the addition). Bases are inputs of the
-  step (no refresh), equal in both.
+  step (no refresh), equal in both. ``layouts`` says per leaf how the lift
+  lands in the leaf: "plain", "transposed" (output axis first) or "stacked"
+  (a batch of slices).
   """
   c_ref = perturbations.perturb(coords, key, scale)
   c_gap = jax.tree.leaves(_weight_gap(coords, key, scale))
   leaves, treedef = jax.tree.flatten(params)
   weights, gaps = [], []
-  for w0, c, dc, q in zip(leaves, jax.tree.leaves(c_ref), c_gap, bases):
+  for w0, c, dc, q, layout in zip(leaves, jax.tree.leaves(c_ref), c_gap, bases, layouts):
     if isinstance(q, tuple):  # full space: perturbed as a leaf of its own
-      weights.append(np.asarray(c, np.float64))
-      gaps.append(dc)
+      weights.append(np.asarray(c, np.float64).reshape(w0.shape))
+      gaps.append(np.asarray(dc).reshape(w0.shape))
       continue
     q = np.asarray(q, np.float64)
     c = np.asarray(c, np.float64)
-    r = q.shape[1]
+    r = q.shape[-1]
     w0 = np.asarray(w0, np.float64)
-    lifted = (c @ q.T).reshape(w0.shape)
-    mag = (np.abs(c) @ np.abs(q).T).reshape(w0.shape)
+    lifted = _lift_to_leaf(c, q, w0.shape, layout)
+    mag = _lift_to_leaf(np.abs(c), np.abs(q), w0.shape, layout)
     weights.append(w0 + lifted)
     gaps.append(
-      (dc @ np.abs(q).T).reshape(w0.shape) + 2 * r * U32 * mag + 4 * U32 * (np.abs(w0) + mag)
+      _lift_to_leaf(np.asarray(dc), np.abs(q), w0.shape, layout)
+      + 2 * r * U32 * mag
+      + 4 * U32 * (np.abs(w0) + mag)
     )
   value, grad = jax.value_and_grad(loss64)(
     jax.tree.unflatten(treedef, [jnp.asarray(w) for w in weights])
@@ -900,21 +911,26 @@ def _preset_bounds(preset, loss, params, before, after, eps, num_queries):
   # zo_muon, one-sided: c_i = (L(C = eps z_i) - L(C = 0)) / eps; the baseline is W0 exactly.
   (sub_state,) = _find_states(after, zojax.SubspaceState)
   bases = list(sub_state.bases)
+  layouts = [PRESET_LAYOUTS.get(preset, {}).get(name, "plain") for name in _leaf_names(params)]
+
+  def coord(leaf, q, layout):
+    if isinstance(q, tuple):  # full space, flattened when it has two or more axes
+      return leaf.reshape(-1) if leaf.ndim >= 2 else leaf
+    if layout == "stacked":
+      return jnp.zeros((leaf.shape[0], leaf.shape[1], q.shape[-1]), jnp.float32)
+    fan_in = leaf.shape[1] if layout == "transposed" else np.prod(leaf.shape[:-1])
+    return jnp.zeros((fan_in, q.shape[-1]), jnp.float32)
+
   coords = jax.tree.unflatten(
     jax.tree.structure(params),
-    [
-      leaf
-      if isinstance(q, tuple)
-      else jnp.zeros((np.prod(leaf.shape[:-1]), q.shape[1]), jnp.float32)
-      for leaf, q in zip(jax.tree.leaves(params), bases)
-    ],
+    [coord(leaf, q, lay) for leaf, q, lay in zip(jax.tree.leaves(params), bases, layouts)],
   )
   value = float(loss(numerics.to_float64(params)))
   bounds = np.asarray(
     [
       (
         _subspace_loss_gap(
-          loss, params, bases, coords, keys.query_key(step_key, i), jnp.float32(eps)
+          loss, params, bases, coords, keys.query_key(step_key, i), jnp.float32(eps), layouts
         )
         + F64_SLACK * (1 + abs(value))
       )
@@ -925,14 +941,32 @@ def _preset_bounds(preset, loss, params, before, after, eps, num_queries):
   return bounds, coords, step_key, active
 
 
+def _leaf_names(params):
+  return [jax.tree_util.keystr(path[:1]) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+# The preset model's matrix views as the LM example gives them: stacked layers one matrix per
+# slice, the embedding table with its output axis first, the bias not a matrix.
+LM_DIMS = {
+  "stack": MuonDimensionNumbers(reduction_axis=1, output_axis=2),
+  "embed": MuonDimensionNumbers(reduction_axis=1, output_axis=0),
+  "dense": [MuonDimensionNumbers(reduction_axis=0, output_axis=1)],
+  "bias": None,
+}
+PRESET_LAYOUTS = {"zo_muon_lm": {"['stack']": "stacked", "['embed']": "transposed"}}
+
+
 PRESETS = {
   "mezo": lambda: zojax.mezo(1e-2, eps=1e-2, weight_decay=0.1, num_queries=2, seed=1),
   "zo_muon": lambda: zojax.zo_muon(
     1e-2, rank=64, refresh_every=None, num_queries=2, eps=1e-2, seed=1
   ),
+  "zo_muon_lm": lambda: zojax.zo_muon(
+    1e-2, rank=8, refresh_every=None, num_queries=2, eps=1e-2, dimension_numbers=LM_DIMS, seed=1
+  ),
   "mezo_bcd": lambda: zojax.mezo_bcd(1e-2, eps=1e-2, switch_every=1, order="ascending", seed=1),
 }
-PRESET_QUERIES = {"mezo": 2, "zo_muon": 2, "mezo_bcd": 1}
+PRESET_QUERIES = {"mezo": 2, "zo_muon": 2, "zo_muon_lm": 2, "mezo_bcd": 1}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -997,7 +1031,7 @@ def test_presets_at_use_match_up_front_over_steps(preset, monkeypatch):
       flat = lambda tree: np.concatenate(
         [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)]
       )
-      if preset == "zo_muon":
+      if preset.startswith("zo_muon"):
         rho = float(np.max(c_bound / np.abs(c_t)))
         diff = np.linalg.norm(flat(upd_t) - flat(upd_f))
         assert diff <= (500 * rho + 1e-2) * np.linalg.norm(flat(upd_t)), (diff, rho)
@@ -1046,8 +1080,9 @@ def _unrolled_loss(p, x):
   return jnp.mean(h**2)
 
 
-def _step_temp_fraction(loss, params, at_use):
-  tx = optax.chain(zojax.zo_grad(perturb_at_use=at_use), optax.scale_by_learning_rate(1e-3))
+def _step_temp_fraction(loss, params, at_use, tx=None):
+  if tx is None:
+    tx = optax.chain(zojax.zo_grad(perturb_at_use=at_use), optax.scale_by_learning_rate(1e-3))
 
   def step(params, state, x):
     updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
@@ -1082,6 +1117,20 @@ def test_step_memory_at_use_is_below_a_weight_copy(model):
   up_front = _step_temp_fraction(loss, params, False)
   assert up_front > 0.9, up_front
   assert at_use < 0.25, f"temp = {at_use:.4f} of the weights (up front: {up_front:.4f})"
+
+
+@pytest.mark.parametrize("model", sorted(MEM_MODELS))
+def test_zo_muon_step_memory_is_below_a_weight_copy(model):
+  # ZO-Muon with one matrix per layer (the stacked layers' axis a batch axis):
+  # each perturbed layer is formed from its low-rank factors where it is used
+  # (inside the scan body for stacked layers), and the update is formed in
+  # each leaf's own layout, so the step holds a few layers (one layer is 1/8:
+  # the low-rank product, the perturbed layer, the next one), not a copy (1.0).
+  loss, params = MEM_MODELS[model]
+  dims = {"w": MuonDimensionNumbers(1, 2)} if model == "scanned" else None
+  tx = zojax.zo_muon(1e-2, rank=8, num_queries=2, refresh_every=None, dimension_numbers=dims)
+  at_use = _step_temp_fraction(loss, params, True, tx)
+  assert at_use < 0.45, f"temp = {at_use:.4f} of the weights"
 
 
 # ---------------------------------------------------------------------------

@@ -279,11 +279,132 @@ def test_errors():
     zojax.subspace(inner, rank=2, anchor_rank=1)
   with pytest.raises(ValueError, match="scale"):
     zojax.subspace(inner, rank=2, scale="huge")
-  batched = {"w": jnp.ones((2, 3, 4))}
-  with pytest.raises(ValueError, match="batch axes"):
-    zojax.subspace(
-      inner, rank=2, dimension_numbers=MuonDimensionNumbers(reduction_axis=1, output_axis=2)
-    ).init(batched)
   with pytest.raises(ValueError, match="momentum"):
     tx = zojax.subspace(inner, rank=2, refresh_every=1, basis="momentum", anchor_rank=1)
     tx.update(None, tx.init(PARAMS), PARAMS, value_fn=linear_loss)
+
+
+# ---------------------------------------------------------------------------
+# Batch axes (stacked layers) and transposed views.
+
+NUM_SLICES = 8
+G3 = jnp.asarray(RNG.normal(size=(NUM_SLICES, FAN_IN, FAN_OUT)), jnp.float32)
+STACKED = {
+  "w": jnp.asarray(RNG.normal(size=(NUM_SLICES, FAN_IN, FAN_OUT)), jnp.float32),
+  "b": jnp.zeros((NUM_SLICES, FAN_OUT), jnp.float32),
+}
+STACKED_DIMS = {"w": MuonDimensionNumbers(reduction_axis=1, output_axis=2), "b": None}
+
+
+@pytest.mark.parametrize("side,basis", [("out", "haar"), ("in", "gaussian"), ("both", "haar")])
+def test_batch_axes_give_every_slice_its_own_basis(side, basis):
+  # Identity inner, first-order input: the output is each slice's own
+  # projection (out: G P P^T; in: B (B^T B)^-1... here B B^T G for the lift of
+  # the adjoint; both: B_in B_in^T G B_out B_out^T), computed per slice in
+  # float64 from the state's bases. Leaves marked None pass through unchanged.
+  tx = zojax.subspace(
+    optax.identity(),
+    rank=2,
+    refresh_every=None,
+    side=side,
+    basis=basis,
+    dimension_numbers=STACKED_DIMS,
+    seed=3,
+  )
+  state = tx.init(STACKED)
+  grads = {"w": G3, "b": jnp.ones((NUM_SLICES, FAN_OUT))}
+  out, _ = jax.jit(lambda g, s: tx.update(g, s, STACKED))(grads, state)
+  bases = state.bases[1]  # leaves sorted: b, w
+  assert state.bases[0] == ()
+  chex.assert_trees_all_equal(out["b"], grads["b"])
+  g = np.asarray(G3, np.float64)
+  # Float32 bound (Higham): a chain of matmuls whose inner sizes add to n is
+  # off by at most gamma_n |A_1| ... |A_k| elementwise; n <= FAN_IN + FAN_OUT + 4.
+  n = FAN_IN + FAN_OUT + 4
+  for i in range(NUM_SLICES):
+    if side == "out":
+      p = np.asarray(bases[i], np.float64)
+      chex.assert_shape(bases, (NUM_SLICES, FAN_OUT, 2))
+      np.testing.assert_allclose(p.T @ p, np.eye(2), atol=1e-5)
+      want, mag = g[i] @ p @ p.T, np.abs(g[i]) @ np.abs(p) @ np.abs(p).T
+    elif side == "in":
+      b = np.asarray(bases[i], np.float64)
+      chex.assert_shape(bases, (NUM_SLICES, FAN_IN, 2))
+      want, mag = b @ b.T @ g[i], np.abs(b) @ np.abs(b).T @ np.abs(g[i])
+    else:
+      b_in, b_out = (np.asarray(x[i], np.float64) for x in bases)
+      want = b_in @ b_in.T @ g[i] @ b_out @ b_out.T
+      mag = np.abs(b_in) @ np.abs(b_in).T @ np.abs(g[i]) @ np.abs(b_out) @ np.abs(b_out).T
+    err = np.abs(np.asarray(out["w"][i], np.float64) - want)
+    assert np.all(err <= 2 * n * numerics.F32_UNIT_ROUNDOFF * mag + 1e-30), (i, err)
+  flat = np.asarray(bases if side != "both" else bases[0]).reshape(NUM_SLICES, -1)
+  assert len({tuple(np.round(r, 6)) for r in flat}) == NUM_SLICES  # no two slices share a basis
+
+
+def test_transposed_view_puts_the_basis_on_the_first_axis():
+  # A (V, D) table viewed with output axis 0 (PyTorch's embedding layout): the
+  # basis spans V, and the projected update is P P^T E.
+  table = {"e": jnp.asarray(RNG.normal(size=(7, 3)), jnp.float32)}
+  g = jnp.asarray(RNG.normal(size=(7, 3)), jnp.float32)
+  tx = zojax.subspace(
+    optax.identity(),
+    rank=2,
+    refresh_every=None,
+    dimension_numbers={"e": MuonDimensionNumbers(reduction_axis=1, output_axis=0)},
+  )
+  state = tx.init(table)
+  p = np.asarray(state.bases[0], np.float64)
+  chex.assert_shape(p, (7, 2))
+  out, _ = tx.update({"e": g}, state, table)
+  np.testing.assert_allclose(out["e"], p @ p.T @ np.asarray(g, np.float64), atol=1e-5)
+
+
+def test_batch_axes_estimate_is_each_slices_projector():
+  # The ZO estimate of a linear loss <G3, W> has mean G3[i] P_i P_i^T on every
+  # slice: the slices are perturbed and lifted independently.
+  tx = zojax.subspace(
+    zojax.zo_grad(seed=1), rank=2, refresh_every=None, dimension_numbers=STACKED_DIMS, seed=2
+  )
+  state = tx.init(STACKED)
+  loss = lambda p: jnp.sum(G3 * p["w"]) + jnp.sum(p["b"])
+
+  def one(i):
+    s = state._replace(inner_state=state.inner_state._replace(count=i))
+    return tx.update(None, s, STACKED, value_fn=loss)[0]["w"].reshape(-1)
+
+  samples = jax.jit(jax.vmap(one))(jnp.arange(4000, dtype=jnp.int32))
+  p = np.asarray(state.bases[1], np.float64)
+  want = np.stack([np.asarray(G3[i], np.float64) @ p[i] @ p[i].T for i in range(NUM_SLICES)])
+  stats.assert_mean_matches(samples, want.reshape(-1), what="stacked subspace mean")
+
+
+def test_zo_muon_orthogonalizes_each_slice_and_steps_stacked_vectors_as_vectors():
+  # Each slice's update C_i P_i^T has the singular values of
+  # NS5(C_i): in NS_SINGULAR_VALUE_BAND when each slice is orthogonalized on
+  # its own; orthogonalizing the stack of 8 as one matrix would leave each
+  # slice's near 1/sqrt(8) = 0.35, below the band. The stacked bias (None)
+  # takes the vector learning rate (0 here), not the matrix one.
+  tx = zojax.zo_muon(
+    1.0,
+    rank=2,
+    refresh_every=None,
+    num_queries=4,
+    vector_learning_rate=0.0,
+    dimension_numbers=STACKED_DIMS,
+    seed=5,
+  )
+  loss = lambda p: jnp.sum(G3 * p["w"]) + jnp.sum(jnp.sin(p["b"]))
+  updates, _ = jax.jit(lambda s: tx.update(None, s, STACKED, value_fn=loss))(tx.init(STACKED))
+  chex.assert_trees_all_equal(updates["b"], jnp.zeros_like(updates["b"]))
+  low, high = zojax.orthogonalizers.NS_SINGULAR_VALUE_BAND
+  for i in range(NUM_SLICES):
+    s = np.linalg.svd(np.asarray(updates["w"][i], np.float64), compute_uv=False)[:2]
+    assert np.all((s >= low) & (s <= high)), (i, s)
+
+
+def test_coordinate_dimension_numbers():
+  coords = {"a": jnp.zeros((3, 4, 2)), "b": jnp.zeros((4, 2)), "c": jnp.zeros(5)}
+  dims = zojax.coordinate_dimension_numbers(coords)
+  assert dims["a"] == MuonDimensionNumbers(1, 2)
+  assert dims["b"] == MuonDimensionNumbers(0, 1)
+  assert dims["c"] is None

@@ -40,7 +40,7 @@ from zojax.presets import (
   zo_mopi,
   zo_muon,
 )
-from zojax.subspaces import SubspaceState, subspace
+from zojax.subspaces import SubspaceState, coordinate_dimension_numbers, subspace
 
 __version__ = "0.1.0"
 
@@ -79,6 +79,7 @@ __all__ = [
   "PowerIterationState",
   "orthogonalize",
   "subspace",
+  "coordinate_dimension_numbers",
   "trajectory",
   "zo_grad",
 ]

@@ -300,13 +300,16 @@ def polar_svd(x: chex.Array) -> jax.Array:
 def orthonormalize_columns(a: chex.Array) -> jax.Array:
   """Q of the thin QR of ``a`` (float32), columns multiplied by the signs of ``diag(R)``.
 
+  Leading axes of ``a`` are a batch of matrices.
+
   The sign fix (zero mapped to +1) makes Q a function of the column span
   sequence alone and, for a Gaussian ``a``, exactly Haar distributed
   (Mezzadri, arXiv math-ph/0609050). The first ``j`` columns of Q span the
   first ``j`` columns of ``a``.
   """
   q, r = jnp.linalg.qr(jnp.asarray(a, jnp.float32))
-  return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)
+  signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
+  return q * signs[..., None, :]
 
 
 def random_orthonormal(key: jax.Array, n: int, k: int) -> jax.Array:

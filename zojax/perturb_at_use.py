@@ -75,7 +75,7 @@ from jax.extend import core as jex_core
 from zojax import fastrandom, perturbations
 from zojax import keys as keys_lib
 
-__all__ = ["value_at", "lazy_leaf_count", "low_rank", "deferred", "concrete"]
+__all__ = ["value_at", "lazy_leaf_count", "low_rank", "deferred", "concrete", "reshaped"]
 
 
 class _Deferred:
@@ -137,6 +137,22 @@ def deferred(fn: Callable[[jax.Array | None], jax.Array], shape_like) -> _Deferr
 def concrete(value):
   """``value`` itself, or the perturbed array a deferred leaf stands for."""
   return value.materialize() if isinstance(value, _Deferred) else value
+
+
+def reshaped(value, shape: tuple[int, ...]):
+  """``value`` (an array or a deferred leaf) reshaped row-major to ``shape``, still deferred."""
+  shape = tuple(shape)
+  if isinstance(value, _Lazy):
+    if value.index is None:  # a row-major reshape keeps a contiguous view contiguous
+      return dataclasses.replace(value, base=jnp.reshape(value.base, shape))
+    return value.with_view(jnp.reshape(value.base, shape), lambda index: jnp.reshape(index, shape))
+  if isinstance(value, _Deferred):
+    like = _base_of(value)
+    return _Thunk(
+      lambda zero: jnp.reshape(value.materialize(zero), shape),
+      jax.ShapeDtypeStruct(shape, jnp.result_type(like)),
+    )
+  return jnp.reshape(value, shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,18 +387,28 @@ def _custom_jvp_rule(eqn, invals):
   return _inline_rule("call_jaxpr")(eqn, invals)
 
 
+def _sliceable(x, length: int) -> bool:
+  """Whether a scanned-over input can enter the loop deferred and be perturbed per slice."""
+  if isinstance(x, _Lazy):
+    return x.index is None and x.base.ndim >= 1 and x.base.shape[0] == length
+  if isinstance(x, _LowRank):
+    return all(a.ndim >= 3 and a.shape[0] == length for a in (x.base, x.left, x.right))
+  return False
+
+
 def _scan_rule(eqn, invals):
-  """Perturbs a stacked leaf one slice per iteration, inside the scan body."""
+  """Perturbs a stacked leaf one slice per iteration, inside the scan body.
+
+  A lazy draw is sliced by offset (its slice's draws are the whole leaf's);
+  a low-rank leaf (stacked matrices, `low_rank` with batched factors) by
+  slicing its base and both factors.
+  """
   p = eqn.params
   num_consts, num_carry, length = p["num_consts"], p["num_carry"], p["length"]
   consts = invals[:num_consts]
   carry = invals[num_consts : num_consts + num_carry]
   xs = invals[num_consts + num_carry :]
-  sliced = [
-    i
-    for i, x in enumerate(xs)
-    if isinstance(x, _Lazy) and x.index is None and x.base.ndim >= 1 and x.base.shape[0] == length
-  ]
+  sliced = [i for i, x in enumerate(xs) if _sliceable(x, length)]
   if not sliced:
     return _materialize_rule(eqn, invals)
   # Lazy consts, carries, or xs that are not contiguous views: materialized
@@ -396,20 +422,26 @@ def _scan_rule(eqn, invals):
   consts = front[:num_consts]
   carry = front[num_consts : num_consts + num_carry]
   plain_xs = [None if i in sliced else front[num_consts + num_carry + i] for i in range(len(xs))]
-  bases = [xs[i].base for i in sliced]
+  pieces = [
+    (xs[i].base,) if isinstance(xs[i], _Lazy) else (xs[i].base, xs[i].left, xs[i].right)
+    for i in sliced
+  ]
   body = p["jaxpr"]
 
   def body_fn(carry_in, x):
-    plain_slices, base_slices, step = x
+    plain_slices, piece_slices, step = x
     args = list(consts) + list(carry_in)
-    it = iter(base_slices)
+    it = iter(piece_slices)
     for i, plain in enumerate(plain_slices):
       if i in sliced:
         lazy = xs[i]
         piece = next(it)
+        if isinstance(lazy, _LowRank):
+          args.append(_LowRank(*piece))
+          continue
         per_slice = math.prod(lazy.base.shape[1:])
         offset = jnp.asarray(lazy.offset, jnp.uint32) + step * jnp.uint32(per_slice)
-        args.append(dataclasses.replace(lazy, base=piece, offset=offset))
+        args.append(dataclasses.replace(lazy, base=piece[0], offset=offset))
       else:
         args.append(plain)
     _SCAN_DEPTH[0] += 1
@@ -423,7 +455,7 @@ def _scan_rule(eqn, invals):
   carry_out, ys = lax.scan(
     body_fn,
     list(carry),
-    (plain_xs, bases, steps),
+    (plain_xs, pieces, steps),
     length=length,
     reverse=p["reverse"],
     unroll=p["unroll"],

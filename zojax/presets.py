@@ -8,11 +8,11 @@ import jax
 import optax
 
 from zojax import keys as keys_lib
-from zojax import perturbations
+from zojax import orthogonalizers, perturbations
 from zojax.block_coordinates import Blocks, block_coordinate
 from zojax.estimators import zo_grad
 from zojax.orthogonalizers import orthogonalize
-from zojax.subspaces import subspace
+from zojax.subspaces import coordinate_dimension_numbers, subspace
 
 __all__ = [
   "mezo_bcd",
@@ -128,20 +128,36 @@ def mezo(
 def split_learning_rates(
   matrix_learning_rate: optax.ScalarOrSchedule,
   vector_learning_rate: optax.ScalarOrSchedule,
+  dimension_numbers=None,
 ) -> optax.GradientTransformation:
-  """Descent step with one learning rate for leaves with ``ndim >= 2``, another for the rest.
+  """Descent step with one learning rate for matrix leaves, another for the rest.
 
   ZO-Muon and ZO-MOPI step their orthogonalized matrices with the main
   learning rate and update biases and normalisation gains by plain ZO-SGD at
   a learning rate of their own (1e-4 in the ViT code, 1e-7 in the LLM code).
   This is ``optax.multi_transform`` of two `optax.scale_by_learning_rate`.
+
+  Args:
+    matrix_learning_rate: for leaves with a matrix view.
+    vector_learning_rate: for the others.
+    dimension_numbers: which leaves are matrices, as for `zojax.subspace`
+      (None: the default rule, every leaf with ``ndim >= 2``; a None entry
+      marks a leaf that is not, e.g. the stacked biases of scanned layers).
   """
+
+  def labels(tree):
+    dims = orthogonalizers.resolve_dimension_numbers(dimension_numbers, tree)
+    treedef = jax.tree.structure(tree)
+    return treedef.unflatten(
+      ["matrix" if d is not None else "vector" for d in treedef.flatten_up_to(dims)]
+    )
+
   return optax.multi_transform(
     {
       "matrix": optax.scale_by_learning_rate(matrix_learning_rate),
       "vector": optax.scale_by_learning_rate(vector_learning_rate),
     },
-    lambda tree: jax.tree.map(lambda x: "matrix" if x.ndim >= 2 else "vector", tree),
+    labels,
   )
 
 
@@ -224,11 +240,11 @@ def zo_muon(
       seed=seed,
       axis_name=axis_name,
     ),
-    orthogonalize(orthogonalizer),
+    orthogonalize(orthogonalizer, dimension_numbers=coordinate_dimension_numbers),
   )
   return optax.chain(
     subspace(inner, rank, refresh_every, dimension_numbers=dimension_numbers, seed=seed),
-    split_learning_rates(learning_rate, vector_learning_rate),
+    split_learning_rates(learning_rate, vector_learning_rate, dimension_numbers),
   )
 
 
@@ -314,7 +330,9 @@ def zo_mopi(
       axis_name=axis_name,
     ),
     optax.ema(beta, debias=False),
-    orthogonalize("power_iteration", rank=k, seed=seed),
+    orthogonalize(
+      "power_iteration", rank=k, seed=seed, dimension_numbers=coordinate_dimension_numbers
+    ),
   )
   return optax.chain(
     subspace(
@@ -326,7 +344,7 @@ def zo_mopi(
       dimension_numbers=dimension_numbers,
       seed=seed,
     ),
-    split_learning_rates(learning_rate, vector_learning_rate),
+    split_learning_rates(learning_rate, vector_learning_rate, dimension_numbers),
   )
 
 

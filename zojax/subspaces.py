@@ -73,6 +73,7 @@ __all__ = [
   "BASES",
   "SIDES",
   "SubspaceState",
+  "coordinate_dimension_numbers",
   "subspace",
 ]
 
@@ -97,7 +98,7 @@ class SubspaceState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _LeafSpec:
-  """How one leaf maps to a matrix and its coordinates (static)."""
+  """How one leaf maps to a matrix (or a stack of matrices) and its coordinates (static)."""
 
   shape: tuple[int, ...]
   dtype: Any
@@ -105,31 +106,63 @@ class _LeafSpec:
   fan_in: int
   fan_out: int
   rank: int  # effective (clamped) rank
+  batch: int | None = None  # product of the batch axes; None when the leaf has none
 
   def to_matrix(self, x):
-    return orth.matrix_view(x, self.dim_nums)[0][0]
+    """The ``(fan_in, fan_out)`` view, or ``(batch, fan_in, fan_out)`` with batch axes."""
+    m = orth.matrix_view(x, self.dim_nums)[0]
+    return m if self.batch is not None else m[0]
 
   def from_matrix(self, m):
     # Only the inverse map is used; the placeholder is dead code under jit.
     placeholder = jnp.zeros(self.shape, m.dtype)
-    return orth.matrix_view(placeholder, self.dim_nums)[1](m[None])
+    return orth.matrix_view(placeholder, self.dim_nums)[1](m if self.batch is not None else m[None])
+
+
+def _t(x):
+  """Transpose of the last two axes (a batch of matrices or one matrix)."""
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _num_axes(axes) -> int:
+  return len(axes) if isinstance(axes, (tuple, list)) else 1
 
 
 def _leaf_spec(path, leaf, dim_nums, rank: int, side: str) -> _LeafSpec | None:
   if dim_nums is None:
     return None
-  name = jax.tree_util.keystr(path) or "<root>"
   view = jax.eval_shape(lambda x: orth.matrix_view(x, dim_nums)[0], leaf)
   batch, fan_in, fan_out = view.shape
-  if batch != 1:
-    raise ValueError(
-      f"Dimension numbers {dim_nums} of leaf {name} (shape {jnp.shape(leaf)}) leave batch "
-      "axes; batch axes are not supported by subspace: give every axis to reduction_axis "
-      "or output_axis."
-    )
+  has_batch = jnp.ndim(leaf) > _num_axes(dim_nums.reduction_axis) + _num_axes(dim_nums.output_axis)
   limit = {"out": fan_out, "in": fan_in, "both": min(fan_in, fan_out)}[side]
   return _LeafSpec(
-    tuple(jnp.shape(leaf)), jnp.result_type(leaf), dim_nums, fan_in, fan_out, min(rank, limit)
+    tuple(jnp.shape(leaf)),
+    jnp.result_type(leaf),
+    dim_nums,
+    fan_in,
+    fan_out,
+    min(rank, limit),
+    batch if has_batch else None,
+  )
+
+
+def coordinate_dimension_numbers(coords) -> Any:
+  """The matrix view of `subspace`'s coordinates, for an orthogonalizer inside ``inner``.
+
+  A coordinate leaf is a matrix in its last two axes, after the batch axes of
+  its parameter (e.g. the layer axis of stacked layers): ``(fan_in, r)``,
+  ``(r, fan_out)`` or ``(r, r)``. Leaves `subspace` hands ``inner`` in full
+  space are 1-D or scalars (it flattens larger ones), so they get None. For
+  parameters without batch axes this is the default rule.
+
+  Args:
+    coords: the coordinates (or updates on them).
+
+  Returns:
+    A pytree of `optax.contrib.MuonDimensionNumbers` / None.
+  """
+  return jax.tree.map(
+    lambda c: MuonDimensionNumbers(c.ndim - 2, c.ndim - 1) if c.ndim >= 2 else None, coords
   )
 
 
@@ -147,9 +180,10 @@ class _Geometry:
 
   # Coordinates ---------------------------------------------------------------
 
-  def coord_shape(self, spec: _LeafSpec) -> tuple[int, int]:
+  def coord_shape(self, spec: _LeafSpec) -> tuple[int, ...]:
     r = spec.rank
-    return {"out": (spec.fan_in, r), "in": (r, spec.fan_out), "both": (r, r)}[self.side]
+    shape = {"out": (spec.fan_in, r), "in": (r, spec.fan_out), "both": (r, r)}[self.side]
+    return shape if spec.batch is None else (spec.batch, *shape)
 
   def factor(self, spec: _LeafSpec) -> float:
     if self.scale_mode == "sqrt_mn_over_r":
@@ -168,14 +202,14 @@ class _Geometry:
     """
     c = c.astype(jnp.float32)
     if self.side == "out":
-      left, right = c, basis.T
+      left, right = c, _t(basis)
     elif self.side == "in":
       left, right = basis, c
     else:
       b_in, b_out = basis
-      left, right = b_in, c @ b_out.T
+      left, right = b_in, c @ _t(b_out)
     if fused:
-      m = jnp.sum(left[:, :, None] * right[None, :, :], axis=1)
+      m = jnp.sum(left[..., :, :, None] * right[..., None, :, :], axis=-2)
     else:
       m = left @ right
     return self.factor(spec) * m
@@ -186,10 +220,10 @@ class _Geometry:
     if self.side == "out":
       c = m @ basis
     elif self.side == "in":
-      c = basis.T @ m
+      c = _t(basis) @ m
     else:
       b_in, b_out = basis
-      c = b_in.T @ m @ b_out
+      c = _t(b_in) @ m @ b_out
     return self.factor(spec) * c
 
   def reproject(self, spec, old, new, c, orthonormal: bool):
@@ -197,17 +231,17 @@ class _Geometry:
     c32 = c.astype(jnp.float32)
 
     def change(b_old, b_new):  # (r x r): solves (B_new^T B_new) T = B_new^T B_old
-      cross = b_new.T @ b_old
+      cross = _t(b_new) @ b_old
       if orthonormal:
         return cross
-      return jnp.linalg.solve(b_new.T @ b_new, cross)
+      return jnp.linalg.solve(_t(b_new) @ b_new, cross)
 
     if self.side == "out":
-      out = c32 @ change(old, new).T
+      out = c32 @ _t(change(old, new))
     elif self.side == "in":
       out = change(old, new) @ c32
     else:
-      out = change(old[0], new[0]) @ c32 @ change(old[1], new[1]).T
+      out = change(old[0], new[0]) @ c32 @ _t(change(old[1], new[1]))
     return out.astype(c.dtype)
 
 
@@ -229,30 +263,42 @@ class _Assemble:
   def __call__(self, coords):
     c_leaves = self.geo.treedef.flatten_up_to(coords)
     out = [
-      c if spec is None else self._lifted(x, c, spec, b)
+      _unflat(c, x) if spec is None else self._lifted(x, c, spec, b)
       for x, c, spec, b in zip(self.p_leaves, c_leaves, self.geo.specs, self.bases)
     ]
     full = jax.tree.unflatten(self.geo.treedef, out)
     return full if self.param_map is None else self.param_map(full)
 
   def _low_rank_factors(self, spec: _LeafSpec, b, c):
-    """``(left, right)`` with ``lift(c) = left @ right`` when the leaf is its own matrix view."""
-    if len(spec.shape) != 2 or spec.shape != (spec.fan_in, spec.fan_out):
-      return None
+    """``(left, right)`` with ``leaf = left @ right`` (batched over a leading axis), or None.
+
+    Covers the layouts whose matrix view is the leaf itself or its transpose:
+    2-D leaves viewed as ``(in, out)`` or ``(out, in)`` (e.g. a token table
+    whose output axis is the vocabulary, as in PyTorch's layout), and 3-D
+    leaves ``(batch, in, out)`` (stacked layers).
+    """
     axes = lambda a: tuple(a) if isinstance(a, (tuple, list)) else (a,)  # noqa: E731
-    dims = spec.dim_nums
-    if axes(dims.reduction_axis) not in ((0,), (-2,)):
-      return None
-    if axes(dims.output_axis) not in ((1,), (-1,)):
+    ndim = len(spec.shape)
+    red = tuple(a % ndim for a in axes(spec.dim_nums.reduction_axis))
+    out = tuple(a % ndim for a in axes(spec.dim_nums.output_axis))
+    if ndim == 2 and (red, out) == ((0,), (1,)):
+      transposed = False
+    elif ndim == 2 and (red, out) == ((1,), (0,)):
+      transposed = True
+    elif ndim == 3 and (red, out) == ((1,), (2,)):
+      transposed = False
+    else:
       return None
     f = self.geo.factor(spec)
     c = c.astype(jnp.float32)
     if self.geo.side == "out":
-      return f * c, b.T
-    if self.geo.side == "in":
-      return b, f * c
-    b_in, b_out = b
-    return b_in, f * (c @ b_out.T)
+      left, right = f * c, _t(b)
+    elif self.geo.side == "in":
+      left, right = b, f * c
+    else:
+      b_in, b_out = b
+      left, right = b_in, f * (c @ _t(b_out))
+    return (_t(right), _t(left)) if transposed else (left, right)
 
   def deferred_leaves(self, values):
     """The parameters' leaves for `zojax.perturb_at_use.value_at` (None: trace ``__call__``)."""
@@ -261,7 +307,7 @@ class _Assemble:
     out = []
     for x, value, spec, b in zip(self.p_leaves, values, self.geo.specs, self.bases):
       if spec is None:
-        out.append(value)
+        out.append(perturb_at_use.reshaped(value, jnp.shape(x)))
         continue
       c = perturb_at_use.concrete(value)
       if math.prod(spec.shape) < perturbations.GROUP_BELOW:  # small: formed up front
@@ -280,18 +326,36 @@ class _Assemble:
     return self.geo.treedef, out
 
 
+def _flat(x):
+  """A leaf `subspace` hands ``inner`` in full space: flattened when it has two or more axes.
+
+  So an orthogonalizer inside ``inner`` never takes it for a matrix.
+  """
+  return jnp.reshape(x, (-1,)) if jnp.ndim(x) >= 2 else x
+
+
+def _unflat(c, like):
+  """Inverse of `_flat` for a leaf shaped like ``like``."""
+  return jnp.reshape(c, jnp.shape(like)) if jnp.ndim(like) >= 2 else c
+
+
 def _draw_basis(geometry: _Geometry, spec: _LeafSpec, key, kind: str):
   def one(k, dim):
     if kind == "gaussian":
       return jax.random.normal(k, (dim, spec.rank), jnp.float32)
     return orth.random_orthonormal(k, dim, spec.rank)
 
+  def draw(k, dim):
+    if spec.batch is None:
+      return one(k, dim)
+    return jax.vmap(lambda kk: one(kk, dim))(jax.random.split(k, spec.batch))
+
   if geometry.side == "out":
-    return one(key, spec.fan_out)
+    return draw(key, spec.fan_out)
   if geometry.side == "in":
-    return one(key, spec.fan_in)
+    return draw(key, spec.fan_in)
   k_in, k_out = jax.random.split(key)
-  return (one(k_in, spec.fan_in), one(k_out, spec.fan_out))
+  return (draw(k_in, spec.fan_in), draw(k_out, spec.fan_out))
 
 
 def _map_param_shaped(state, template, fn):
@@ -449,7 +513,7 @@ def subspace(
   def coords_like(geo, params):
     leaves = geo.treedef.flatten_up_to(params)
     out = [
-      x if spec is None else jnp.zeros(geo.coord_shape(spec), spec.dtype)
+      _flat(x) if spec is None else jnp.zeros(geo.coord_shape(spec), spec.dtype)
       for x, spec in zip(leaves, geo.specs)
     ]
     return jax.tree.unflatten(geo.treedef, out)
@@ -487,8 +551,8 @@ def subspace(
           continue
         k = min(anchor_rank, spec.rank, spec.fan_in)
         _, _, vt = jnp.linalg.svd(momentum[i].astype(jnp.float32), full_matrices=False)
-        anchor = bases[i] @ vt[:k].T  # fan_out x k, spans the momentum's top directions
-        stacked = jnp.concatenate([anchor, new[i][:, k:]], axis=1)
+        anchor = bases[i] @ _t(vt[..., :k, :])  # fan_out x k: the momentum's top directions
+        stacked = jnp.concatenate([anchor, new[i][..., k:]], axis=-1)
         new[i] = orth.orthonormalize_columns(stacked)
 
     def reproject(index, leaf):
@@ -522,7 +586,7 @@ def subspace(
       inner_updates = jax.tree.unflatten(
         geo.treedef,
         [
-          u if spec is None else geo.project(spec, b, spec.to_matrix(u)).astype(spec.dtype)
+          _flat(u) if spec is None else geo.project(spec, b, spec.to_matrix(u)).astype(spec.dtype)
           for u, spec, b in zip(u_leaves, geo.specs, bases)
         ],
       )
@@ -531,15 +595,23 @@ def subspace(
     )
     cu_leaves = geo.treedef.flatten_up_to(coord_updates)
 
-    def lift_update(u, spec, b):
+    def lift_update(u, spec, b, x):
       if spec is None:
-        return u
-      m = geo.lift(spec, b, u, fused=True)
+        return _unflat(u, x)
+      factors = assemble._low_rank_factors(spec, b, u)
+      if factors is not None:  # formed in the leaf's own layout: no transpose of a full matrix
+        left, right = factors
+        delta = jnp.sum(left[..., :, :, None] * right[..., None, :, :], axis=-2)
+      else:
+        delta = spec.from_matrix(geo.lift(spec, b, u, fused=True))
       if update_scale == "inverse_rank":
-        m = m / spec.rank
-      return spec.from_matrix(m).astype(spec.dtype)
+        delta = delta / spec.rank
+      return delta.astype(spec.dtype)
 
-    lifted = [lift_update(u, spec, b) for u, spec, b in zip(cu_leaves, geo.specs, bases)]
+    lifted = [
+      lift_update(u, spec, b, x)
+      for u, spec, b, x in zip(cu_leaves, geo.specs, bases, assemble.p_leaves)
+    ]
     new_state = SubspaceState(
       count=optax.safe_increment(state.count),
       key=state.key,

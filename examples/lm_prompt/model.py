@@ -335,6 +335,44 @@ def unstack_layers(params: Params) -> Params:
   return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)]}
 
 
+def matrix_dimension_numbers(params: Params) -> Any:
+  """The matrix view of every leaf for zojax's per-matrix methods (``dimension_numbers=``).
+
+  ZO-Muon, ZO-MOPI, LOZO and SubZero (`zojax.subspace`) treat each weight
+  matrix on its own, as their PyTorch code treats each ``(out, in)`` weight:
+
+  * a Linear kernel ``(in, out)``: reduction axis ``in``, output axis ``out``;
+    stacked ``(layers, in, out)`` (the scanned layout): the same, with the
+    layer axis a batch axis, so each layer is its own matrix with its own
+    basis;
+  * a token or position table ``(V, D)``: output axis ``V``, reduction axis
+    ``D``. PyTorch stores an embedding as ``(V, D)`` and the released code of
+    these methods puts the ``out`` side (ZO-Muon's projection ``P``, LOZO's
+    fresh factor) on its first axis, ``V``. It also keeps ZO-Muon's random
+    coordinates ``D x r`` rather than ``V x r`` per query;
+  * biases and norm scales (stacked or not): None, not matrices (ZO-SGD at the
+    presets' vector learning rate).
+
+  Args:
+    params: decoder parameters, either layout (only names and ranks matter).
+
+  Returns:
+    A pytree of `optax.contrib.MuonDimensionNumbers` / None with the structure
+    of ``params``.
+  """
+  from optax.contrib import MuonDimensionNumbers
+
+  def view(path, x):
+    name = getattr(path[-1], "key", None)
+    if name == "kernel":
+      return MuonDimensionNumbers(reduction_axis=x.ndim - 2, output_axis=x.ndim - 1)
+    if name == "embedding":
+      return MuonDimensionNumbers(reduction_axis=1, output_axis=0)
+    return None
+
+  return jax.tree_util.tree_map_with_path(view, params)
+
+
 # --- Building blocks ------------------------------------------------------------------------------
 
 

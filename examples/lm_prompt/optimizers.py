@@ -7,10 +7,13 @@ weights get a float32 master copy (`zojax.master_weights`) or stochastic
 rounding (`zojax.stochastic_rounding`) around the optimizer.
 
 The decoder's parameters (examples/lm_prompt/model.py) are plain nested dicts
-whose linear kernels are flax-style ``(in, out)`` matrices, so zojax's default
-matrix view applies to every 2-D leaf (kernels, the token and position tables)
-and no dimension numbers are needed. MeZO-BCD's blocks are the decoder layers
-(`layer_blocks`).
+whose linear kernels are flax-style ``(in, out)`` matrices. The per-matrix
+methods (ZO-Muon, ZO-MOPI, LOZO, LOZO-M, SubZero) get their matrix view from
+`examples.lm_prompt.model.matrix_dimension_numbers`: one matrix per layer in
+either layout (the layer axis of stacked kernels is a batch axis), the token
+and position tables with the vocabulary as their output axis (as the released
+PyTorch code treats a ``(V, D)`` embedding), biases and norms not matrices.
+MeZO-BCD's blocks are the decoder layers (`layer_blocks`).
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ import jax
 import optax
 
 import zojax
+from examples.lm_prompt import model as model_lib
 
 ZEROTH_ORDER = ("mezo", "mezo_bcd", "zo_muon", "zo_mopi", "lozo", "lozo_m", "subzero")
 FIRST_ORDER = ("fo-adam",)
 NAMES = ZEROTH_ORDER + FIRST_ORDER
 # Methods that treat every weight matrix on its own (a random subspace or low-rank factor per
-# matrix, or a Newton-Schulz step on it). The scanned layout stacks the layers' matrices into one
-# leaf, which zojax.subspace cannot split per layer, so these need the unrolled layout.
+# matrix, or a Newton-Schulz step on it): they take model.matrix_dimension_numbers.
 PER_MATRIX = ("zo_muon", "zo_mopi", "lozo", "lozo_m", "subzero")
 BF16_UPDATES = ("master", "stochastic")
 
@@ -119,6 +122,7 @@ def _base(
       **given(switch_every=refresh_every),
     )
     return tx, 2 * q
+  dims = model_lib.matrix_dimension_numbers
   if vector_learning_rate is None:
     vector_learning_rate = learning_rate / 100
   if name in ("zo_muon", "zo_mopi"):
@@ -127,13 +131,20 @@ def _base(
       learning_rate,
       eps=eps,
       vector_learning_rate=vector_learning_rate,
+      dimension_numbers=dims,
       seed=seed,
       **given(num_queries=num_queries, rank=rank, refresh_every=refresh_every),
     )
     q = num_queries or _default(preset, "num_queries")
     return tx, zojax.forwards_per_step(q, "one_sided")
   preset = {"lozo": zojax.lozo, "lozo_m": zojax.lozo_m, "subzero": zojax.subzero}[name]
-  tx = preset(learning_rate, eps=eps, seed=seed, **given(rank=rank, refresh_every=refresh_every))
+  tx = preset(
+    learning_rate,
+    eps=eps,
+    dimension_numbers=dims,
+    seed=seed,
+    **given(rank=rank, refresh_every=refresh_every),
+  )
   return tx, 2
 
 

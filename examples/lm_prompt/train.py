@@ -179,8 +179,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     choices=("unrolled", "scan"),
     default="unrolled",
     help="decoder layers as a list run by a Python loop (every layer its own leaves: MeZO-BCD "
-    "and the per-matrix methods need it) or stacked and run by lax.scan (compile time "
-    "independent of depth; mezo and fo-adam only).",
+    "needs it) or stacked and run by lax.scan (compile time independent of depth; every "
+    "optimizer but mezo_bcd).",
   )
   g.add_argument(
     "--dtype",
@@ -361,11 +361,6 @@ def _check_args(args: argparse.Namespace, num_devices: int) -> None:
     raise UsageError(
       "mezo_bcd needs --layout unrolled: its blocks are the decoder layers, which the scanned "
       "layout stacks into shared leaves"
-    )
-  if args.layout == "scan" and args.optimizer in optimizers.PER_MATRIX:
-    raise UsageError(
-      f"{args.optimizer} needs --layout unrolled: it treats every weight matrix on its own, and "
-      "the scanned layout stacks the layers' matrices into one leaf"
     )
   if args.bf16_update is not None and args.dtype != "bfloat16":
     raise UsageError("--bf16-update applies to --dtype bfloat16 only")
