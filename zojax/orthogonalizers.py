@@ -223,6 +223,10 @@ def matrix_view(
 # ------------------------------------------------------------------ single-matrix forms
 
 
+def _concat(arrays):
+  return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
+
+
 def _check_matrix(x: chex.Array, name: str) -> None:
   if x.ndim != 2:
     raise ValueError(f"{name} takes a 2-D array, got shape {x.shape}; see matrix_view.")
@@ -510,27 +514,50 @@ def orthogonalize(
       vs = treedef.flatten_up_to(state.v)
     else:
       vs = [None] * len(leaves)
-    out, new_vs = [], []
-    for x, dn, v in zip(leaves, dims, vs):
+    # Matrices of one shape are stacked and orthogonalized one after the
+    # other by a loop (`jax.lax.map`): XLA otherwise ran every matrix's
+    # iterations side by side and held all their intermediates at once (about
+    # 0.3x the weights of a 12-layer model for ZO-Muon's coordinates).
+    views, groups = {}, {}
+    for i, (x, dn, v) in enumerate(zip(leaves, dims, vs)):
       if dn is None:
+        continue
+      matrix, inverse_fn = matrix_view(x, dn)
+      if method == "power_iteration" and (v is None or v.shape[:2] != matrix.shape[:2]):
+        raise ValueError(
+          f"The power-iteration state does not match a leaf of shape {x.shape} "
+          f"(state basis {None if v is None else v.shape}); was init called on "
+          "params with the same structure and dimension numbers?"
+        )
+      views[i] = (matrix, inverse_fn)
+      key = (matrix.shape[1:], matrix.dtype, None if v is None else (v.shape[1:], v.dtype))
+      groups.setdefault(key, []).append(i)
+    results = {}
+    for members in groups.values():
+      stacked = _concat([views[i][0] for i in members])
+      if method == "power_iteration":
+        v_stacked = _concat([vs[i] for i in members])
+        o, v_new = jax.lax.map(
+          lambda ab: power_iteration_step(ab[0].T, ab[1]), (stacked, v_stacked)
+        )
+        y = jnp.swapaxes(o, 1, 2)
+      else:
+        y, v_new = jax.lax.map(orthogonalize_matrix, stacked), None
+      start = 0
+      for i in members:
+        n = views[i][0].shape[0]
+        piece = y[start : start + n]
+        results[i] = (piece, None if v_new is None else v_new[start : start + n])
+        start += n
+    out, new_vs = [], []
+    for i, x in enumerate(leaves):
+      if i not in results:
         out.append(x)
         new_vs.append(None)
         continue
-      matrix, inverse_fn = matrix_view(x, dn)
-      if method == "power_iteration":
-        if v is None or v.shape[:2] != matrix.shape[:2]:
-          raise ValueError(
-            f"The power-iteration state does not match a leaf of shape {x.shape} "
-            f"(state basis {None if v is None else v.shape}); was init called on "
-            "params with the same structure and dimension numbers?"
-          )
-        o, v_new = jax.vmap(lambda a, b: power_iteration_step(a.T, b))(matrix, v)
-        y = jnp.swapaxes(o, 1, 2)
-        new_vs.append(v_new)
-      else:
-        y = jax.vmap(orthogonalize_matrix)(matrix)
-        new_vs.append(None)
-      out.append(inverse_fn(y).astype(x.dtype))
+      y, v_new = results[i]
+      out.append(views[i][1](y).astype(x.dtype))
+      new_vs.append(v_new)
     new_updates = treedef.unflatten(out)
     if method == "power_iteration":
       return new_updates, PowerIterationState(v=treedef.unflatten(new_vs))

@@ -102,7 +102,8 @@ class _LowRank(_Deferred):
 
   ``left`` has the base's leading axes and the rank as its last axis, so a
   row gather of the base gathers the rows of ``left`` (an embedding lookup
-  perturbs only the rows it reads).
+  perturbs only the rows it reads). A factor is an array or a `deferred`
+  value (e.g. drawn coordinates), formed with the product where it is used.
   """
 
   base: Any
@@ -110,16 +111,35 @@ class _LowRank(_Deferred):
   right: Any
 
   def materialize(self, zero=None):
-    left = self.left if zero is None else self.left + zero.astype(self.left.dtype)
-    delta = jnp.matmul(left.astype(jnp.float32), self.right.astype(jnp.float32))
+    if isinstance(self.left, _Thunk) or isinstance(self.right, _Thunk):
+      left, right = _factor(self.left, zero), _factor(self.right, zero)
+    else:
+      left = self.left if zero is None else self.left + zero.astype(self.left.dtype)
+      right = self.right
+    delta = jnp.matmul(left.astype(jnp.float32), right.astype(jnp.float32))
     return (self.base.astype(jnp.float32) + delta).astype(self.base.dtype)
+
+  def with_concrete_factors(self, zero=None) -> _LowRank:
+    return _LowRank(self.base, _factor(self.left, zero), _factor(self.right, zero))
+
+
+def _factor(f, zero):
+  """A low-rank factor as an array (a deferred one formed now, after ``zero``)."""
+  return f.materialize(zero) if isinstance(f, _Thunk) else f
+
+
+def _shape(f) -> tuple[int, ...]:
+  return tuple(f.shape_like.shape) if isinstance(f, _Thunk) else tuple(jnp.shape(f))
 
 
 def low_rank(base, left, right) -> _Deferred:
   """A leaf ``round(base + left @ right)`` that `value_at` forms at its point of use.
 
   For combinators whose perturbation of a matrix leaf is low-rank
-  (`zojax.subspace`); see `value_at`'s ``param_map``.
+  (`zojax.subspace`); see `value_at`'s ``param_map``. ``left`` and ``right``
+  are arrays or `deferred` values; a deferred factor is formed where the
+  leaf is used, after that operation's other inputs, so XLA neither
+  computes it early nor stores it for another use (its draw is recomputed).
   """
   return _LowRank(base, left, right)
 
@@ -131,7 +151,7 @@ def deferred(fn: Callable[[jax.Array | None], jax.Array], shape_like) -> _Deferr
   carries data dependencies, or None; add it to an input so the computation
   is scheduled late). ``shape_like`` has the value's shape and dtype.
   """
-  return _Thunk(fn, jax.ShapeDtypeStruct(jnp.shape(shape_like), jnp.result_type(shape_like)))
+  return _Thunk(fn, jax.ShapeDtypeStruct(shape_like.shape, jnp.result_type(shape_like.dtype)))
 
 
 def concrete(value):
@@ -361,8 +381,16 @@ def _low_rank_view(eqn, lazy: _LowRank, rest):
       and tuple(p["slice_sizes"]) == (1, lazy.base.shape[1])
     ):
       (base,) = _bind(eqn, [lazy.base, indices])
-      params = dict(p, slice_sizes=(1, lazy.left.shape[-1]))
-      (left,) = _bind(eqn, [lazy.left, indices], params)
+      rank = _shape(lazy.left)[-1]
+      params = dict(p, slice_sizes=(1, rank))
+      if isinstance(lazy.left, _Thunk):
+        source = lazy.left
+        left = _Thunk(
+          lambda zero: _bind(eqn, [source.materialize(zero), indices], params)[0],
+          jax.ShapeDtypeStruct((*base.shape[:-1], rank), source.shape_like.dtype),
+        )
+      else:
+        (left,) = _bind(eqn, [lazy.left, indices], params)
       return [_LowRank(base, left, lazy.right)]
   return _materialize_rule(eqn, [lazy, *rest])
 
@@ -392,7 +420,8 @@ def _sliceable(x, length: int) -> bool:
   if isinstance(x, _Lazy):
     return x.index is None and x.base.ndim >= 1 and x.base.shape[0] == length
   if isinstance(x, _LowRank):
-    return all(a.ndim >= 3 and a.shape[0] == length for a in (x.base, x.left, x.right))
+    shapes = (jnp.shape(x.base), _shape(x.left), _shape(x.right))
+    return all(len(a) >= 3 and a[0] == length for a in shapes)
   return False
 
 
@@ -422,6 +451,14 @@ def _scan_rule(eqn, invals):
   consts = front[:num_consts]
   carry = front[num_consts : num_consts + num_carry]
   plain_xs = [None if i in sliced else front[num_consts + num_carry + i] for i in range(len(xs))]
+  if any(isinstance(xs[i], _LowRank) for i in sliced):
+    # Deferred factors (drawn coordinates, one slice per layer) are formed
+    # before the loop, after its other inputs; the body slices them.
+    zero = _zero_depending_on([v for v in front if v is not None])
+    xs = [
+      x.with_concrete_factors(zero) if i in sliced and isinstance(x, _LowRank) else x
+      for i, x in enumerate(xs)
+    ]
   pieces = [
     (xs[i].base,) if isinstance(xs[i], _Lazy) else (xs[i].base, xs[i].left, xs[i].right)
     for i in sliced

@@ -32,6 +32,23 @@ coordinates ``C`` of shape (in, r) (ALGORITHMS.md 10.1). Because ``P`` has
 orthonormal columns, orthogonalizing ``C`` and lifting equals
 orthogonalizing the lifted update, at ``O(r^2 n)`` cost.
 
+Batch axes: axes named by neither ``reduction_axis`` nor ``output_axis``
+(the layer axis of stacked ``(layers, in, out)`` kernels run by
+`jax.lax.scan`) make a leaf a batch of matrices, each with its own basis and
+coordinates (leading batch axis, flattened); an orthogonalizer in ``inner``
+then needs `coordinate_dimension_numbers` to treat each slice on its own, as
+the presets pass it. Leaves kept in full space with two or more axes (a
+stack of biases, marked None) are handed to ``inner`` flattened, so no
+orthogonalizer takes them for a matrix.
+
+At-use evaluation: for a leaf whose matrix view is the leaf itself, its
+transpose, or a stack of either kind (``(batch, in, out)``), the perturbed
+leaf is handed to `zojax.perturb_at_use.value_at` as low-rank factors
+(`zojax.perturb_at_use.low_rank`): a gather reads only the rows it takes, a
+scan body forms one slice, a matmul gets its matrix formed just before it.
+The update ``x + lift(u)`` is formed in the leaf's own layout as a
+broadcast-multiply-sum over the rank, which XLA fuses with the update.
+
 Rank: a rank larger than the dimension the basis spans is clamped to that
 dimension (the ZO-Muon ViT code does the same), so ``rank=64`` works on a
 model with 32-wide layers.
@@ -63,6 +80,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from zojax import keys as keys_lib
+from zojax import ordering
 from zojax import orthogonalizers as orth
 from zojax import perturb_at_use, perturbations
 
@@ -117,6 +135,33 @@ class _LeafSpec:
     # Only the inverse map is used; the placeholder is dead code under jit.
     placeholder = jnp.zeros(self.shape, m.dtype)
     return orth.matrix_view(placeholder, self.dim_nums)[1](m if self.batch is not None else m[None])
+
+
+# Ranks up to which a lifted update is written as a sum of rank-1 products.
+UNROLL_LIFT_UP_TO = 128
+
+
+def _outer_sum(left, right):
+  """``left @ right`` over the last two axes, written so that XLA fuses it into its consumer.
+
+  The update ``theta - lr * lift(u)`` should be one elementwise pass over the
+  donated ``theta``. A matmul's output is a parameter-sized buffer of its
+  own, and XLA's CPU scheduler ran every leaf's matmul before any update
+  (all lifted updates held at once). A broadcast-multiply-sum over the rank
+  becomes a dot fusion (XLA's YNNPACK path) whose scalar operands, such as
+  the learning rate, are materialized as parameter-sized constants, one per
+  shape, alive through the step. Up to `UNROLL_LIFT_UP_TO` the sum is
+  therefore written out, ``sum_k left[:, k] right[k, :]`` in order of ``k``,
+  which XLA fuses with the update into one loop; beyond that, the
+  broadcast-multiply-sum.
+  """
+  rank = left.shape[-1]
+  if rank > UNROLL_LIFT_UP_TO:
+    return jnp.sum(left[..., :, :, None] * right[..., None, :, :], axis=-2)
+  out = left[..., :, 0:1] * right[..., 0:1, :]
+  for k in range(1, rank):
+    out = out + left[..., :, k : k + 1] * right[..., k : k + 1, :]
+  return out
 
 
 def _t(x):
@@ -193,12 +238,9 @@ class _Geometry:
   def lift(self, spec, basis, c, fused: bool = False):
     """Coordinates -> (fan_in, fan_out) matrix, in float32.
 
-    With ``fused=True`` the last product is written as a broadcast multiply
-    and a sum over the rank instead of a matmul. XLA fuses that expression
+    With ``fused=True`` the last product is `_outer_sum`, which XLA fuses
     into its consumer (the update ``theta - lr * lift(u)``, in the donated
-    buffer), while a matmul's output is a parameter-sized buffer of its own,
-    and XLA's CPU scheduler ran every leaf's matmul before any update, so
-    the lifted updates of all leaves were held at once.
+    buffer).
     """
     c = c.astype(jnp.float32)
     if self.side == "out":
@@ -209,7 +251,7 @@ class _Geometry:
       b_in, b_out = basis
       left, right = b_in, c @ _t(b_out)
     if fused:
-      m = jnp.sum(left[..., :, :, None] * right[..., None, :, :], axis=-2)
+      m = _outer_sum(left, right)
     else:
       m = left @ right
     return self.factor(spec) * m
@@ -275,7 +317,10 @@ class _Assemble:
     Covers the layouts whose matrix view is the leaf itself or its transpose:
     2-D leaves viewed as ``(in, out)`` or ``(out, in)`` (e.g. a token table
     whose output axis is the vocabulary, as in PyTorch's layout), and 3-D
-    leaves ``(batch, in, out)`` (stacked layers).
+    leaves ``(batch, in, out)`` (stacked layers). ``c`` is an array, or a
+    `zojax.perturb_at_use` deferred value; the factor built from it is then
+    deferred too (the basis factor stays an array, so a row gather of the
+    leaf gathers the basis rows).
     """
     axes = lambda a: tuple(a) if isinstance(a, (tuple, list)) else (a,)  # noqa: E731
     ndim = len(spec.shape)
@@ -290,15 +335,21 @@ class _Assemble:
     else:
       return None
     f = self.geo.factor(spec)
-    c = c.astype(jnp.float32)
-    if self.geo.side == "out":
-      left, right = f * c, _t(b)
-    elif self.geo.side == "in":
-      left, right = b, f * c
-    else:
-      b_in, b_out = b
-      left, right = b_in, f * (c @ _t(b_out))
-    return (_t(right), _t(left)) if transposed else (left, right)
+    side = self.geo.side
+    orient = _t if transposed else (lambda m: m)
+
+    def moving_of(c):  # the factor made from the coordinates, in the leaf's layout
+      c = c.astype(jnp.float32)
+      return orient(f * (c @ _t(b[1])) if side == "both" else f * c)
+
+    fixed = orient({"out": lambda: _t(b), "in": lambda: b, "both": lambda: b[0]}[side]())
+    if isinstance(c, jax.Array):
+      moving = moving_of(c)
+    else:  # deferred coordinates (a perturbed draw): the factor is deferred too
+      like = jax.eval_shape(lambda: moving_of(perturb_at_use.concrete(c)))
+      moving = perturb_at_use.deferred(lambda zero: moving_of(c.materialize(zero)), like)
+    left, right = (moving, fixed) if side == "out" else (fixed, moving)
+    return (right, left) if transposed else (left, right)
 
   def deferred_leaves(self, values):
     """The parameters' leaves for `zojax.perturb_at_use.value_at` (None: trace ``__call__``)."""
@@ -309,20 +360,20 @@ class _Assemble:
       if spec is None:
         out.append(perturb_at_use.reshaped(value, jnp.shape(x)))
         continue
-      c = perturb_at_use.concrete(value)
       if math.prod(spec.shape) < perturbations.GROUP_BELOW:  # small: formed up front
-        out.append(self._lifted(x, c, spec, b))
+        out.append(self._lifted(x, perturb_at_use.concrete(value), spec, b))
         continue
-      factors = self._low_rank_factors(spec, b, c)
+      factors = self._low_rank_factors(spec, b, value)
       if factors is not None:
         out.append(perturb_at_use.low_rank(x, *factors))
-      else:
+        continue
+      c = perturb_at_use.concrete(value)
 
-        def lifted(zero, x=x, c=c, spec=spec, b=b):
-          c = c if zero is None else c + zero.astype(c.dtype)
-          return self._lifted(x, c, spec, b)
+      def lifted(zero, x=x, c=c, spec=spec, b=b):
+        c = c if zero is None else c + zero.astype(c.dtype)
+        return self._lifted(x, c, spec, b)
 
-        out.append(perturb_at_use.deferred(lifted, x))
+      out.append(perturb_at_use.deferred(lifted, x))
     return self.geo.treedef, out
 
 
@@ -456,7 +507,8 @@ def subspace(
     dimension_numbers: None (default rule), a
       `optax.contrib.MuonDimensionNumbers` for all leaves with >= 2 axes, or
       a pytree (or a callable returning one) of them, None marking leaves
-      kept in full space.
+      kept in full space. Axes named by neither field are batch axes (one
+      basis per matrix of the batch).
     seed: an integer seed or key; the bases use its ``"subspace"`` stream.
 
   Returns:
@@ -521,10 +573,17 @@ def subspace(
   def draw_bases(geo, key, count):
     k = keys_lib.step_key(key, count)
     leaf_keys = jax.random.split(k, len(geo.specs)) if geo.specs else []
-    return [
-      () if spec is None else _draw_basis(geo, spec, leaf_keys[i], draw_kind)
-      for i, spec in enumerate(geo.specs)
-    ]
+    out, previous = [], None
+    for i, spec in enumerate(geo.specs):
+      if spec is None:
+        out.append(())
+        continue
+      # Each draw waits for the previous basis: XLA drew every basis before
+      # orthonormalizing any, holding several basis-sized buffers per leaf.
+      leaf_key = leaf_keys[i] if previous is None else ordering.after(leaf_keys[i], previous)
+      previous = _draw_basis(geo, spec, leaf_key, draw_kind)
+      out.append(previous)
+    return out
 
   def init_fn(params):
     geo = geometry_of(params)
@@ -601,7 +660,7 @@ def subspace(
       factors = assemble._low_rank_factors(spec, b, u)
       if factors is not None:  # formed in the leaf's own layout: no transpose of a full matrix
         left, right = factors
-        delta = jnp.sum(left[..., :, :, None] * right[..., None, :, :], axis=-2)
+        delta = _outer_sum(left, right)
       else:
         delta = spec.from_matrix(geo.lift(spec, b, u, fused=True))
       if update_scale == "inverse_rank":
