@@ -72,7 +72,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from zojax import fastrandom, perturbations
+from zojax import fastrandom, ordering, perturbations
 from zojax import keys as keys_lib
 
 __all__ = ["value_at", "lazy_leaf_count", "low_rank", "deferred", "concrete", "reshaped"]
@@ -281,21 +281,15 @@ def _is_lazy(x) -> bool:
 
 
 def _zero_depending_on(values: Sequence[Any]) -> jax.Array | None:
-  """A uint32 zero that XLA cannot compute before ``values`` exist.
+  """A uint32 zero that XLA cannot compute before ``values`` exist (`zojax.ordering`).
 
-  ``(x != x) & (x == x)`` is false for every float, NaN included, but no
-  compiler pass proves it, so the zero carries a data dependency on the first
-  element of the first floating-point array among ``values`` (None if there is
-  none). `jax.lax.optimization_barrier` would say the same more plainly, but
-  XLA's CPU pipeline expands barriers before it schedules, and its
-  loop-invariant code motion and common-subexpression passes then hoist and
-  merge the draws (the probe behind this module).
+  Depends on the first element of the first floating-point array among
+  ``values`` (None if there is none). XLA's CPU pipeline expands
+  `jax.lax.optimization_barrier` before it schedules, and its loop-invariant
+  code motion and common-subexpression passes then hoist and merge the draws
+  (the probe behind this module); a data dependency survives them.
   """
-  for v in values:
-    if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating) and v.size:
-      first = jnp.ravel(v)[0]
-      return ((first != first) & (first == first)).astype(jnp.uint32)
-  return None
+  return ordering.zero_after([v for v in values if not _is_lazy(v)])
 
 
 _SCAN_DEPTH = [0]  # > 0 while a scan body is being evaluated

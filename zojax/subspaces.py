@@ -80,9 +80,8 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from zojax import keys as keys_lib
-from zojax import ordering
+from zojax import ordering, perturb_at_use, perturbations
 from zojax import orthogonalizers as orth
-from zojax import perturb_at_use, perturbations
 
 SIDES = ("out", "in", "both")
 BASES = ("haar", "gaussian", "momentum")
