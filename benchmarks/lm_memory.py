@@ -10,7 +10,9 @@ and reports XLA's compiled memory analysis of each:
 
     peak = arguments + outputs - aliased (donated) + temporaries,
 
-as a ratio to the inference forward's peak, with unrolled layers (a list of
+as a ratio to the inference forward's peak (and, separately, the share of
+it that is the optimizer's own state: bases, momentum, power-iteration
+bases, a part of the step no scheduling can remove), with unrolled layers (a list of
 per-layer leaves, run by a Python loop) and scanned layers (stacked leaves
 run by `jax.lax.scan`). ``mezo (up front)`` is `zojax.mezo` with
 ``perturb_at_use=False``: the whole tree perturbed before the forward, as
@@ -181,6 +183,7 @@ def measure(model: str, layout: str, modes: Sequence[str], batch: int, length: i
     file=sys.stderr,
     flush=True,
   )
+  inference_arguments = inference["arguments"]
   for mode in modes:
     if mode == "mezo_bcd" and scan:
       continue  # its blocks are per-layer leaves
@@ -208,6 +211,9 @@ def measure(model: str, layout: str, modes: Sequence[str], batch: int, length: i
       "mode": mode,
       **figures,
       "over_inference": figures["peak"] / inference["peak"],
+      # The optimizer's own state (bases, momentum, ...): what the step's
+      # arguments hold beyond the inference forward's (weights and batch).
+      "state_over_inference": (figures["arguments"] - inference_arguments) / inference["peak"],
       "compile_s": time.perf_counter() - start,
     }
     rows.append(row)
@@ -279,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "what": f"{r['model']} {r['layout']} {LABELS.get(r['mode'], r['mode'])}",
       "peak_gib": r["peak"] / 2**30,
       "temp_gib": r["temporaries"] / 2**30,
+      "state": r.get("state_over_inference", 0.0),
       "over": r["over_inference"],
     }
     for r in rows
@@ -290,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ("what", "model, layout, mode", "s"),
         ("peak_gib", "XLA peak GiB", ".2f"),
         ("temp_gib", "temporaries GiB", ".2f"),
+        ("state", "optimizer state (x inference)", ".3f"),
         ("over", "x inference", ".2f"),
       ],
     )

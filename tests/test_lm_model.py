@@ -222,3 +222,48 @@ def test_config_validation_and_sliding_window(saved):
   _, opt_config, opt_params = saved("opt")
   with pytest.raises(ValueError, match="learned positions"):
     model.forward(opt_params, dataclasses.replace(opt_config, max_positions=4), ids, mask)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_matrix_dimension_numbers(scan):
+  """Kernels are (in, out) matrices (stacked: a batch of them), tables (V, D) have V as output."""
+  from optax.contrib import MuonDimensionNumbers
+
+  config = model.DecoderConfig(
+    family="opt",
+    vocab_size=64,
+    hidden_size=16,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=4,
+    intermediate_size=32,
+    max_positions=128,
+    norm_eps=1e-5,
+    activation="relu",
+    tie_word_embeddings=False,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+  )
+  params = model.param_shapes(config, scan_layers=scan)
+  dims = model.matrix_dimension_numbers(params)
+  is_dn = lambda x: x is None or isinstance(x, MuonDimensionNumbers)  # noqa: E731
+  flat = {
+    jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(dims, is_leaf=is_dn)
+  }
+  shapes = {
+    jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
+  assert flat.keys() == shapes.keys()
+  for name, dn in flat.items():
+    ndim = len(shapes[name])
+    if name.endswith("['kernel']"):
+      assert dn == MuonDimensionNumbers(ndim - 2, ndim - 1), name
+    elif name.endswith("['embedding']"):
+      assert dn == MuonDimensionNumbers(reduction_axis=1, output_axis=0), name
+    else:
+      assert dn is None, name
+  layer = "['layers']['fc1']['kernel']" if scan else "['layers'][0]['fc1']['kernel']"
+  assert flat[layer] == MuonDimensionNumbers(1 if scan else 0, 2 if scan else 1)
+  assert flat["['lm_head']['kernel']"] == MuonDimensionNumbers(0, 1)

@@ -32,9 +32,6 @@ from examples.lm_prompt import model as model_lib
 ZEROTH_ORDER = ("mezo", "mezo_bcd", "zo_muon", "zo_mopi", "lozo", "lozo_m", "subzero")
 FIRST_ORDER = ("fo-adam",)
 NAMES = ZEROTH_ORDER + FIRST_ORDER
-# Methods that treat every weight matrix on its own (a random subspace or low-rank factor per
-# matrix, or a Newton-Schulz step on it): they take model.matrix_dimension_numbers.
-PER_MATRIX = ("zo_muon", "zo_mopi", "lozo", "lozo_m", "subzero")
 BF16_UPDATES = ("master", "stochastic")
 
 
