@@ -204,8 +204,10 @@ def zo_muon(
   queries, so every query and the update share it (the released
   multi-query code does not on refresh steps, ALGORITHMS.md 3.5).
 
-  It is ``optax.chain(subspace(chain(zo_grad, orthogonalize), ...),
-  split_learning_rates(...))``.
+  It is ``optax.chain(subspace(chain(zo_grad, orthogonalize,
+  split_learning_rates(...)), ...))``: the learning rates scale the
+  coordinates before the lift (the same update up to rounding), which lets
+  XLA fuse the lift into the update without weight-sized constants.
 
   Args:
     learning_rate: ``eta`` for matrices (float or schedule).
@@ -241,10 +243,10 @@ def zo_muon(
       axis_name=axis_name,
     ),
     orthogonalize(orthogonalizer, dimension_numbers=coordinate_dimension_numbers),
+    split_learning_rates(learning_rate, vector_learning_rate, coordinate_dimension_numbers),
   )
   return optax.chain(
-    subspace(inner, rank, refresh_every, dimension_numbers=dimension_numbers, seed=seed),
-    split_learning_rates(learning_rate, vector_learning_rate, dimension_numbers),
+    subspace(inner, rank, refresh_every, dimension_numbers=dimension_numbers, seed=seed)
   )
 
 
@@ -293,7 +295,7 @@ def zo_mopi(
   is kept across refreshes rather than reset.
 
   It is ``optax.chain(subspace(chain(zo_grad, ema, orthogonalize(
-  "power_iteration")), basis="momentum"), split_learning_rates(...))``.
+  "power_iteration"), split_learning_rates(...)), basis="momentum"))``.
 
   Args:
     learning_rate: ``eta`` for matrices.
@@ -333,6 +335,7 @@ def zo_mopi(
     orthogonalize(
       "power_iteration", rank=k, seed=seed, dimension_numbers=coordinate_dimension_numbers
     ),
+    split_learning_rates(learning_rate, vector_learning_rate, coordinate_dimension_numbers),
   )
   return optax.chain(
     subspace(
@@ -344,14 +347,13 @@ def zo_mopi(
       dimension_numbers=dimension_numbers,
       seed=seed,
     ),
-    split_learning_rates(learning_rate, vector_learning_rate, dimension_numbers),
   )
 
 
 def _lozo_chain(inner_extra, learning_rate, rank, refresh_every, paper_scaling, dims, seed):
   return optax.chain(
     subspace(
-      inner_extra,
+      optax.chain(inner_extra, optax.scale_by_learning_rate(learning_rate)),
       rank,
       refresh_every,
       side="in",
@@ -360,7 +362,6 @@ def _lozo_chain(inner_extra, learning_rate, rank, refresh_every, paper_scaling, 
       dimension_numbers=dims,
       seed=seed,
     ),
-    optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -517,7 +518,10 @@ def subzero(
   """
   return optax.chain(
     subspace(
-      zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name),
+      optax.chain(
+        zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name),
+        optax.scale_by_learning_rate(learning_rate),
+      ),
       rank,
       refresh_every,
       side="both",
@@ -525,7 +529,6 @@ def subzero(
       dimension_numbers=dimension_numbers,
       seed=seed,
     ),
-    optax.scale_by_learning_rate(learning_rate),
   )
 
 

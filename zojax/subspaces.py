@@ -137,22 +137,24 @@ class _LeafSpec:
 
 
 # Ranks up to which a lifted update is written as a sum of rank-1 products.
-UNROLL_LIFT_UP_TO = 128
+UNROLL_LIFT_UP_TO = 8
 
 
 def _outer_sum(left, right):
   """``left @ right`` over the last two axes, written so that XLA fuses it into its consumer.
 
-  The update ``theta - lr * lift(u)`` should be one elementwise pass over the
-  donated ``theta``. A matmul's output is a parameter-sized buffer of its
-  own, and XLA's CPU scheduler ran every leaf's matmul before any update
-  (all lifted updates held at once). A broadcast-multiply-sum over the rank
-  becomes a dot fusion (XLA's YNNPACK path) whose scalar operands, such as
-  the learning rate, are materialized as parameter-sized constants, one per
-  shape, alive through the step. Up to `UNROLL_LIFT_UP_TO` the sum is
-  therefore written out, ``sum_k left[:, k] right[k, :]`` in order of ``k``,
-  which XLA fuses with the update into one loop; beyond that, the
-  broadcast-multiply-sum.
+  The update ``theta - lr * lift(u)`` should be one pass over the donated
+  ``theta``. A matmul's output is a parameter-sized buffer of its own, and
+  XLA's CPU scheduler ran every leaf's matmul before any update (all lifted
+  updates held at once). A broadcast-multiply-sum over the rank is fused
+  with the update instead (on CPU as a dot fusion, XLA's YNNPACK path);
+  note that such a fusion materializes a scalar that multiplies its result
+  (a learning rate applied after `subspace`) as a parameter-sized constant,
+  one per leaf shape, alive through the step, so the presets scale the
+  coordinates inside ``inner`` instead. Up to `UNROLL_LIFT_UP_TO` (LOZO's
+  rank 2, say) the sum is written out, ``sum_k left[:, k] right[k, :]``, a
+  plain elementwise loop at that size; written out at rank 64 it ran about
+  twice as slow as the dot fusion.
   """
   rank = left.shape[-1]
   if rank > UNROLL_LIFT_UP_TO:
