@@ -47,7 +47,10 @@ leaf is handed to `zojax.perturb_at_use.value_at` as low-rank factors
 (`zojax.perturb_at_use.low_rank`): a gather reads only the rows it takes, a
 scan body forms one slice, a matmul gets its matrix formed just before it.
 The update ``x + lift(u)`` is formed in the leaf's own layout as a
-broadcast-multiply-sum over the rank, which XLA fuses with the update.
+broadcast-multiply-sum over the rank, which XLA fuses with the update; put
+the learning rate inside ``inner`` (as the presets do), since a scalar
+applied after the lift is materialized by that fusion as weight-sized
+constants (see `_outer_sum`).
 
 Rank: a rank larger than the dimension the basis spans is clamped to that
 dimension (the ZO-Muon ViT code does the same), so ``rank=64`` works on a
