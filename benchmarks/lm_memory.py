@@ -18,7 +18,8 @@ run by `jax.lax.scan`). ``mezo (up front)`` is `zojax.mezo` with
 ``perturb_at_use=False``: the whole tree perturbed before the forward, as
 zojax did before `zojax.perturb_at_use` (the figure the memory issue
 started from). MeZO-BCD's blocks are the decoder layers (embeddings, final
-norm and head frozen, as its reference code does), unrolled layout only.
+norm and head frozen, as its reference code does; in the scanned layout a
+block is one layer's slice of the stacked leaves, `zojax.StackedBlocks`).
 
 Target (the memory issue): every preset <= 1.1x inference on both layouts.
 
@@ -42,6 +43,7 @@ import optax
 import zojax
 from benchmarks import common
 from examples.lm_prompt import model as model_lib
+from examples.lm_prompt import optimizers as lm_optimizers
 
 # The OPT family's shapes (Hugging Face configs of facebook/opt-*; Zhang et
 # al., arXiv 2205.01068).
@@ -94,18 +96,6 @@ def label_word_loss(config: model_lib.DecoderConfig):
   return loss
 
 
-def decoder_layer_blocks(params):
-  """MeZO-BCD's blocks: one per decoder layer; everything else frozen (-1)."""
-
-  def block(path, _):
-    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-    if len(keys) >= 2 and keys[0] == "layers" and isinstance(keys[1], int):
-      return keys[1]
-    return -1
-
-  return jax.tree_util.tree_map_with_path(block, params)
-
-
 def make_optimizer(mode: str):
   """The transform of a mode, at the papers' LLM settings (learning rates do not matter here).
 
@@ -120,7 +110,7 @@ def make_optimizer(mode: str):
   if mode == "mezo":
     return zojax.mezo(1e-6)
   if mode == "mezo_bcd":
-    return zojax.mezo_bcd(1e-6, blocks=decoder_layer_blocks)
+    return zojax.mezo_bcd(1e-6, blocks=lm_optimizers.layer_blocks)
   if mode == "zo_muon":
     return zojax.zo_muon(1e-2, rank=64, num_queries=4, refresh_every=100, dimension_numbers=dims)
   if mode == "zo_mopi":
@@ -185,8 +175,6 @@ def measure(model: str, layout: str, modes: Sequence[str], batch: int, length: i
   )
   inference_arguments = inference["arguments"]
   for mode in modes:
-    if mode == "mezo_bcd" and scan:
-      continue  # its blocks are per-layer leaves
     tx = make_optimizer(mode)
     state = jax.eval_shape(tx.init, params)
     if mode == "adam":

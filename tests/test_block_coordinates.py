@@ -374,3 +374,198 @@ def test_errors():
     tx.update(None, state, {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}, value_fn=jnp.sum)
   with pytest.raises(ValueError, match="needs params"):
     tx.update(None, state, value_fn=jnp.sum)
+
+
+# ---------------------------------------------------------------------------
+# Stacked layers (run by lax.scan): one block per layer slice.
+
+STACK_LAYERS, STACK_WIDTH = 4, 96  # 96 x 96 = 9216 >= GROUP_BELOW: evaluated lazily
+
+
+def stacked_problem(dtype=jnp.float32):
+  """A scanned tanh MLP: embed (frozen), 4 stacked layers (blocks 0..3), head (block 4)."""
+  rng = np.random.default_rng(1)
+  n, d = STACK_LAYERS, STACK_WIDTH
+  params = {
+    "embed": jnp.asarray(rng.normal(size=(8, d)) / np.sqrt(8), dtype),
+    "layers": {
+      "w": jnp.asarray(rng.normal(size=(n, d, d)) / np.sqrt(d), dtype),
+      "b": jnp.asarray(rng.normal(size=(n, d)) * 0.1, dtype),
+    },
+    "head": jnp.asarray(rng.normal(size=(d,)) / np.sqrt(d), dtype),
+  }
+  x = jnp.asarray(rng.normal(size=(16, 8)), dtype)
+
+  def loss(p, x):
+    def body(h, layer):
+      return jnp.tanh(h @ layer["w"] + layer["b"]), None
+
+    h, _ = jax.lax.scan(body, x @ p["embed"], p["layers"])
+    return jnp.mean((h @ p["head"]) ** 2)
+
+  return params, loss, x
+
+
+def stacked_blocks(params):
+  return top_level_blocks(params, exclude=["embed"], stacked=["layers"])
+
+
+def test_top_level_blocks_stacked():
+  params, _, _ = stacked_problem()
+  ids = stacked_blocks(params)
+  # Natural order: "head" is block 0, the four layers blocks 1..4.
+  assert ids == {
+    "embed": -1,
+    "head": 0,
+    "layers": {"w": zojax.StackedBlocks(1), "b": zojax.StackedBlocks(1)},
+  }
+  with pytest.raises(ValueError, match="both exclude and stacked"):
+    top_level_blocks(params, exclude=["layers"], stacked=["layers"])
+  with pytest.raises(ValueError, match=r"stacked names \['layer'\]"):
+    top_level_blocks(params, stacked=["layer"])
+  bad = {**params, "layers": {"w": params["layers"]["w"], "b": jnp.ones((3, STACK_WIDTH))}}
+  with pytest.raises(ValueError, match="one leading axis of layers"):
+    top_level_blocks(bad, stacked=["layers"])
+  with pytest.raises(ValueError, match=">= 0"):
+    zojax.StackedBlocks(-1)
+  with pytest.raises(TypeError, match="Python int"):
+    zojax.StackedBlocks(1.0)
+  inner = optax.chain(zojax.zo_grad(), optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"\['head'\].*leading axis of layers"):
+    block_coordinate(inner, {**ids, "head": zojax.StackedBlocks(0)}).init(
+      {**params, "head": jnp.ones(())}
+    )
+  # Layers of a stack may not leave a gap before the next block.
+  with pytest.raises(ValueError, match=r"Blocks \[5\] have no leaves"):
+    block_coordinate(inner, {**ids, "embed": 6}).init(params)
+
+
+def test_stacked_step_is_mezo_on_the_active_layer():
+  # Block b >= 1 is layer j = b - 1 of every stacked leaf: that slice moves
+  # by -lr c z, z drawn from the block's inner key for the slice-shaped
+  # sub-tree, c the central difference of the full model's loss with only
+  # that slice perturbed; every other slice and leaf is unchanged. Float64
+  # (tests/numerics.py: the step and the reference are different programs).
+  with numerics.float64():
+    params, loss, x = stacked_problem()
+    params, x = numerics.to_float64((params, x))
+    tx = mezo_bcd(LEARNING_RATE, EPS, blocks=stacked_blocks, switch_every=1, order="ascending")
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(None, s, p, value_fn=lambda q: loss(q, x)))
+    for t in range(1 + STACK_LAYERS):
+      updates, new_state = step(params, state)
+      new_params = optax.apply_updates(params, updates)
+      bcd = bcd_state(new_state)
+      b = int(bcd.block)
+      assert b == t  # ascending: head, then layers 0..3
+      zo = bcd.inner_states[b][0]
+      query = keys_lib.query_key(keys_lib.step_key(zo.key, 0), 0)
+      if b == 0:
+        sub = {"embed": None, "head": params["head"], "layers": {"b": None, "w": None}}
+      else:
+        j = b - 1
+        sub = {
+          "embed": None,
+          "head": None,
+          "layers": jax.tree.map(lambda a, j=j: a[j], params["layers"]),
+        }
+      z = zojax.sample_direction(query, sub)
+
+      def at(scale, z=z, b=b):
+        if b == 0:
+          return loss({**params, "head": params["head"] + scale * z["head"]}, x)
+        layers = jax.tree.map(
+          lambda a, d: a.at[b - 1].add(scale * d), params["layers"], z["layers"]
+        )
+        return loss({**params, "layers": layers}, x)
+
+      c = (at(EPS) - at(-EPS)) / (2 * EPS)
+      np.testing.assert_allclose(zo.projected_grads[0], c, rtol=2 * numerics.F32_UNIT_ROUNDOFF)
+      c = zo.projected_grads[0]
+      chex.assert_trees_all_equal(new_params["embed"], params["embed"])
+      if b == 0:
+        chex.assert_trees_all_close(
+          new_params["head"],
+          params["head"] - LEARNING_RATE * c * z["head"],
+          rtol=numerics.F64_RTOL,
+          atol=numerics.F64_ATOL,
+        )
+        chex.assert_trees_all_equal(new_params["layers"], params["layers"])
+      else:
+        chex.assert_trees_all_equal(new_params["head"], params["head"])
+        for name in ("w", "b"):
+          for layer in range(STACK_LAYERS):
+            got, was = new_params["layers"][name][layer], params["layers"][name][layer]
+            if layer == b - 1:
+              chex.assert_trees_all_close(
+                got,
+                was - LEARNING_RATE * c * z["layers"][name],
+                rtol=numerics.F64_RTOL,
+                atol=numerics.F64_ATOL,
+              )
+            else:
+              chex.assert_trees_all_equal(got, was)
+      params, state = new_params, new_state
+
+
+def test_stacked_at_use_matches_up_front():
+  # Float32, so the layers are perturbed at use (inside the scan body, only
+  # in the active layer's iteration). Same draws as perturbing up front:
+  # the directions agree to float32 rounding of the draw (rtol 1e-5 covers a
+  # few ulps of the Box-Muller/erf arithmetic), and the scalars c to the
+  # loss's rounding amplified by 1 / (2 eps): the loss (~0.5) is summed over
+  # 16 examples after ~200 operations per output, |error| <= 200 * 2^-24 *
+  # 0.5 ~ 6e-6 per loss, so |c_a - c_b| <= 2 * 6e-6 / 2e-3 = 6e-3.
+  params, loss, x = stacked_problem()
+  runs = []
+  for at_use in (True, False):
+    inner = optax.chain(zojax.zo_grad(eps=EPS, perturb_at_use=at_use), optax.sgd(LEARNING_RATE))
+    tx = block_coordinate(inner, stacked_blocks, switch_every=1, order="ascending")
+    step = jax.jit(lambda p, s, tx=tx: tx.update(None, s, p, value_fn=lambda q: loss(q, x)))
+    state, out = tx.init(params), []
+    for _ in range(1 + STACK_LAYERS):
+      updates, state = step(params, state)
+      bcd = bcd_state(state)
+      out.append((updates, float(bcd.inner_states[int(bcd.block)][0].projected_grads[0])))
+    runs.append(out)
+  for (u_a, c_a), (u_b, c_b) in zip(*runs):
+    assert abs(c_a - c_b) <= 6e-3, (c_a, c_b)
+    assert abs(c_a) > 0.1  # the comparison below is not vacuous
+    # u = -lr c z: u_a c_b == u_b c_a wherever z agrees.
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda u: u * c_b, u_a),
+      jax.tree.map(lambda u: u * c_a, u_b),
+      rtol=1e-5,
+      atol=1e-7,
+    )
+
+
+def test_stacked_step_memory_is_one_layer():
+  # 8 stacked 512 x 512 layers (one layer = 1/8 of the weights). Perturbed at
+  # use, the active layer is formed inside the scan iteration that reads it,
+  # and its update is broadcast into the apply: the step's temporaries stay
+  # at a few layers. Up front, writing the perturbed layer back into the
+  # stack copies the stack (1.0 of the weights).
+  layers, width = 8, 512
+  params = {"w": jax.ShapeDtypeStruct((layers, width, width), jnp.float32)}
+  x = jax.ShapeDtypeStruct((4, width), jnp.float32)
+
+  def loss(p, x):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])
+    return jnp.mean(h**2)
+
+  def fraction(at_use):
+    inner = optax.chain(zojax.zo_grad(perturb_at_use=at_use), optax.sgd(1e-3))
+    tx = block_coordinate(inner, {"w": zojax.StackedBlocks(0)})
+
+    def step(p, s, x):
+      updates, s = tx.update(None, s, p, value_fn=lambda q: loss(q, x))
+      return optax.apply_updates(p, updates), s
+
+    state = jax.eval_shape(tx.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / (layers * width * width * 4)
+
+  up_front, at_use = fraction(False), fraction(True)
+  assert up_front > 0.9, up_front
+  assert at_use < 0.45, f"temp = {at_use:.4f} of the weights (up front: {up_front:.4f})"

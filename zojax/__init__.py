@@ -14,6 +14,7 @@ from zojax import (
   trajectory,
 )
 from zojax.block_coordinates import (
+  StackedBlocks,
   BlockCoordinateState,
   active_block,
   block_coordinate,
@@ -60,6 +61,7 @@ __all__ = [
   "matrix_mask",
   "mezo",
   "mezo_bcd",
+  "StackedBlocks",
   "active_block",
   "block_coordinate",
   "block_coordinates",

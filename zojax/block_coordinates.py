@@ -16,6 +16,7 @@ the reported wall-clock speedup comes from (ALGORITHMS.md section 5.2).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ import numpy as np
 import optax
 
 from zojax import keys as keys_lib
+from zojax import perturb_at_use
 
 ORDERS = ("random", "ascending", "descending")
 
@@ -34,6 +36,7 @@ Blocks = Any | Callable[[Any], Any] | None
 __all__ = [
   "ORDERS",
   "BlockCoordinateState",
+  "StackedBlocks",
   "active_block",
   "block_coordinate",
   "top_level_blocks",
@@ -69,6 +72,30 @@ class BlockCoordinateState(NamedTuple):
   inner_states: tuple
 
 
+@dataclasses.dataclass(frozen=True)
+class StackedBlocks:
+  """The block id of a stacked leaf: its slice ``j`` along axis 0 is block ``first + j``.
+
+  For layers stacked on a leading axis and run by `jax.lax.scan` (one leaf
+  holds every layer), MeZO-BCD's blocks are the layers, i.e. slices of
+  leaves. Put ``StackedBlocks(first)`` in ``blocks`` where an int would go:
+  a leaf of ``n`` layers then belongs to blocks ``first, ..., first + n - 1``.
+  All leaves of one stack of layers take the same ``first``
+  (`top_level_blocks` with ``stacked=`` does this).
+
+  Attributes:
+    first: the block id of slice 0, ``>= 0``.
+  """
+
+  first: int
+
+  def __post_init__(self):
+    if isinstance(self.first, bool) or not isinstance(self.first, (int, np.integer)):
+      raise TypeError(f"StackedBlocks.first must be a Python int, got {self.first!r}.")
+    if self.first < 0:
+      raise ValueError(f"StackedBlocks.first must be >= 0, got {self.first}.")
+
+
 def _natural_key(name: Any) -> tuple:
   """Sort key under which ``layer_2`` comes before ``layer_10``."""
   parts = re.split(r"(\d+)", str(name))
@@ -82,7 +109,9 @@ def _entry_name(entry: Any) -> Any:
   return str(entry)
 
 
-def top_level_blocks(params: optax.Params, exclude: Collection[str] = ()) -> Any:
+def top_level_blocks(
+  params: optax.Params, exclude: Collection[str] = (), stacked: Collection[str] = ()
+) -> Any:
   """Block ids with one block per top-level submodule of ``params``.
 
   This is the default rule of `block_coordinate`. The entries of the top
@@ -91,19 +120,27 @@ def top_level_blocks(params: optax.Params, exclude: Collection[str] = ()) -> Any
   it lives under. A tree of the form ``{"params": {...}}`` (Flax variables)
   is split one level down, at the submodules of ``"params"``.
 
+  An entry named in ``stacked`` holds layers stacked on a leading axis (run
+  by `jax.lax.scan`): each of its ``n`` layers is a block of its own, so it
+  takes ``n`` consecutive ids and its leaves get `StackedBlocks`.
+
   Args:
     params: the parameter pytree.
     exclude: names of top-level entries to freeze: their leaves get id
       ``-1`` and are never perturbed or updated (MeZO-BCD's reference code
       leaves embeddings and the LM head out by default).
+    stacked: names of top-level entries whose leaves stack layers on axis 0
+      (all with the same leading size).
 
   Returns:
-    A pytree with the structure of ``params`` holding Python ints.
+    A pytree with the structure of ``params`` holding Python ints (and
+    `StackedBlocks` under the ``stacked`` entries).
 
   Raises:
     ValueError: if ``params`` has a leaf at its top level (nothing to split;
-      pass ``blocks=`` to `block_coordinate`), or ``exclude`` names an entry
-      that does not exist.
+      pass ``blocks=`` to `block_coordinate`), ``exclude`` or ``stacked``
+      names an entry that does not exist, an entry is in both, or the leaves
+      of a stacked entry disagree on their number of layers.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -112,10 +149,16 @@ def top_level_blocks(params: optax.Params, exclude: Collection[str] = ()) -> Any
     ...                      "head": jnp.ones(2)}}
     >>> top_level_blocks(params, exclude=["head"])
     {'params': {'head': -1, 'layer_10': 1, 'layer_2': 0}}
+    >>> top_level_blocks({"embed": jnp.ones(2), "layers": jnp.ones((3, 2))},
+    ...                  stacked=["layers"])
+    {'embed': 0, 'layers': StackedBlocks(first=1)}
   """
   if isinstance(exclude, str):
     exclude = (exclude,)
+  if isinstance(stacked, str):
+    stacked = (stacked,)
   exclude = {str(name) for name in exclude}
+  stacked = {str(name) for name in stacked}
   paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   depth = 1 if isinstance(params, Mapping) and list(params.keys()) == ["params"] else 0
   names = []
@@ -127,19 +170,43 @@ def top_level_blocks(params: optax.Params, exclude: Collection[str] = ()) -> Any
         "Pass blocks= (a pytree of int block ids, or a callable returning one)."
       )
     names.append(_entry_name(path[depth]))
-  unknown = exclude - {str(n) for n in names}
-  if unknown:
-    raise ValueError(
-      f"exclude names {sorted(unknown)} are not top-level entries; they are "
-      f"{sorted({str(n) for n in names}, key=_natural_key)}."
-    )
+  present = {str(n) for n in names}
+  for argument, asked in (("exclude", exclude), ("stacked", stacked)):
+    unknown = asked - present
+    if unknown:
+      raise ValueError(
+        f"{argument} names {sorted(unknown)} that are not top-level entries; they are "
+        f"{sorted(present, key=_natural_key)}."
+      )
+  if exclude & stacked:
+    raise ValueError(f"Entries {sorted(exclude & stacked)} are in both exclude and stacked.")
+  layers: dict[str, int] = {}
+  for (path, leaf), name in zip(paths, names):
+    if str(name) not in stacked:
+      continue
+    shape = jnp.shape(leaf)
+    n = shape[0] if shape else 0
+    if layers.setdefault(str(name), n) != n or n == 0:
+      raise ValueError(
+        f"The leaves of stacked entry {str(name)!r} must share one leading axis of layers; "
+        f"{jax.tree_util.keystr(path)} has shape {tuple(shape)}, others "
+        f"{layers[str(name)]} layers."
+      )
   kept = sorted({n for n in names if str(n) not in exclude}, key=_natural_key)
-  ids = {name: index for index, name in enumerate(kept)}
+  ids: dict[Any, Any] = {}
+  next_id = 0
+  for name in kept:
+    if str(name) in stacked:
+      ids[name] = StackedBlocks(next_id)
+      next_id += layers[str(name)]
+    else:
+      ids[name] = next_id
+      next_id += 1
   return jax.tree.unflatten(treedef, [ids.get(name, -1) for name in names])
 
 
-def _resolve_blocks(blocks: Blocks, params) -> tuple[list[int], int]:
-  """Returns one block id per leaf (``-1`` for frozen) and the number of blocks."""
+def _resolve_blocks(blocks: Blocks, params) -> tuple[list[Any], int]:
+  """One block spec per leaf (an int, ``-1`` for frozen, or `StackedBlocks`) and the count."""
   if blocks is None:
     tree = top_level_blocks(params)
   else:
@@ -152,25 +219,63 @@ def _resolve_blocks(blocks: Blocks, params) -> tuple[list[int], int]:
       "blocks must have the same pytree structure as the parameters "
       f"({params_def}); got {jax.tree.structure(tree)}."
     ) from err
-  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  ids = []
-  for path, value in zip(paths, flat):
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0]) if flat else ((), ())
+  ids: list[Any] = []
+  owned: set[int] = set()
+  for path, leaf, value in zip(paths, leaves, flat):
+    if isinstance(value, StackedBlocks):
+      shape = jnp.shape(leaf)
+      if not shape or shape[0] == 0:
+        raise ValueError(
+          f"Parameter {jax.tree_util.keystr(path)} has shape {tuple(shape)}: StackedBlocks "
+          "needs a leading axis of layers."
+        )
+      ids.append(value)
+      owned.update(range(value.first, value.first + shape[0]))
+      continue
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise TypeError(
         f"The block id of parameter {jax.tree_util.keystr(path)} must be a static Python "
-        f"int (-1 to freeze the leaf), got {value!r}."
+        f"int (-1 to freeze the leaf) or a zojax.StackedBlocks, got {value!r}."
       )
     ids.append(max(int(value), -1))
-  num_blocks = max(ids, default=-1) + 1
+    if ids[-1] >= 0:
+      owned.add(ids[-1])
+  num_blocks = max(owned, default=-1) + 1
   if num_blocks == 0:
     raise ValueError("blocks assigns no leaf to a block (every id is negative).")
-  empty = sorted(set(range(num_blocks)) - set(ids))
+  empty = sorted(set(range(num_blocks)) - owned)
   if empty:
     raise ValueError(
       f"Blocks {empty} have no leaves: number the blocks 0, 1, ..., L-1 without gaps "
-      f"(got ids {sorted(set(ids))})."
+      f"(got ids {sorted(owned)})."
     )
   return ids, num_blocks
+
+
+def _position(spec: Any, leaf: Any, block: int) -> int | None:
+  """Where block ``block`` lives in a leaf: -1 for the whole leaf, a layer, or None."""
+  if isinstance(spec, StackedBlocks):
+    j = block - spec.first
+    return j if 0 <= j < jnp.shape(leaf)[0] else None
+  return -1 if spec == block else None
+
+
+def _leaf_update(x, spec, block: jax.Array, value) -> jax.Array:
+  """A leaf's update: its slot's value where its block is active, zero elsewhere.
+
+  For a stacked leaf the slot holds one layer; it is broadcast over the
+  layers and kept on the active one, an elementwise expression that XLA
+  fuses into `optax.apply_updates` (no stack-sized zeros are written).
+  """
+  zero = jnp.zeros((), x.dtype)
+  if value is None:
+    return jnp.zeros(jnp.shape(x), x.dtype)
+  if isinstance(spec, StackedBlocks):
+    layer = jax.lax.broadcasted_iota(jnp.int32, jnp.shape(x), 0)
+    full = jnp.broadcast_to(jnp.asarray(value, x.dtype)[None], jnp.shape(x))
+    return jnp.where(layer == block - spec.first, full, zero)
+  return jnp.where(block == spec, value, zero)
 
 
 def _check_order(order: str) -> None:
@@ -253,9 +358,56 @@ def _inner_loss(state) -> jax.Array:
   return jnp.full([], jnp.nan, jnp.float32)
 
 
-def _select(leaves: list, ids: list[int], block: int, treedef):
-  """The sub-tree of block ``block``: ``None`` in place of every other leaf."""
-  return jax.tree.unflatten(treedef, [x if i == block else None for x, i in zip(leaves, ids)])
+def _select(leaves: list, ids: list[Any], block: int, treedef):
+  """The sub-tree of block ``block``: ``None`` in place of every other leaf.
+
+  A stacked leaf contributes its layer ``block - first`` (`StackedBlocks`).
+  """
+  out = []
+  for x, spec in zip(leaves, ids):
+    where = _position(spec, x, block)
+    out.append(None if where is None else (x if where < 0 else x[where]))
+  return jax.tree.unflatten(treedef, out)
+
+
+class _Placement:
+  """``param_map`` of block ``b``: puts the block's (perturbed) leaves back into the model.
+
+  Whole leaves are placed as they are. A stacked leaf gets its layer written
+  back; for `zojax.perturb_at_use` (``deferred_leaves``) that write is itself
+  deferred (`zojax.perturb_at_use.patched`), so a scan over the stack forms
+  the perturbed layer inside the iteration that reads it, and no perturbed
+  copy of the stack is made.
+  """
+
+  def __init__(self, leaves, ids, block, treedef, param_map):
+    self.leaves, self.ids, self.block = leaves, ids, block
+    self.treedef, self.param_map = treedef, param_map
+
+  def _place(self, sub_leaves, write):
+    new = iter(sub_leaves)
+    out = []
+    for x, spec in zip(self.leaves, self.ids):
+      where = _position(spec, x, self.block)
+      if where is None:
+        out.append(x)
+      elif where < 0:
+        out.append(next(new))
+      else:
+        out.append(write(x, where, next(new)))
+    return out
+
+  def __call__(self, sub):
+    def write(x, where, piece):
+      return jax.lax.dynamic_update_index_in_dim(x, jnp.asarray(piece, x.dtype), where, 0)
+
+    full = jax.tree.unflatten(self.treedef, self._place(jax.tree.leaves(sub), write))
+    return full if self.param_map is None else self.param_map(full)
+
+  def deferred_leaves(self, values):
+    if self.param_map is not None:
+      return None
+    return self.treedef, self._place(list(values), perturb_at_use.patched)
 
 
 def block_coordinate(
@@ -405,19 +557,16 @@ def block_coordinate(
       def branch(inner_states):
         sub_params = _select(leaves, ids, b, treedef)
         sub_updates = None if updates is None else _select(update_leaves, ids, b, treedef)
-
-        def to_full(sub):
-          new = iter(jax.tree.leaves(sub))
-          full = jax.tree.unflatten(
-            treedef, [next(new) if i == b else x for x, i in zip(leaves, ids)]
-          )
-          return full if param_map is None else param_map(full)
-
+        to_full = _Placement(leaves, ids, b, treedef, param_map)
         new_sub, new_state = inner.update(
           sub_updates, inner_states[b], sub_params, param_map=to_full, **extra_args
         )
         new = iter(jax.tree.leaves(new_sub))
-        mine = {index: next(new) for index, i in enumerate(ids) if i == b}
+        mine = {
+          index: next(new)
+          for index, (x, spec) in enumerate(zip(leaves, ids))
+          if _position(spec, x, b) is not None
+        }
         out = []
         for slot in slots:
           index = slot_of_leaf_in_block[b].get(slot)
@@ -437,15 +586,19 @@ def block_coordinate(
     # Returning the whole update tree from the switch would make XLA hold a
     # parameter-sized buffer for it (a conditional's outputs are buffers).
     slot_of_leaf_in_block = [dict() for _ in range(num_blocks)]
-    leaf_slot = [None] * len(leaves)
+    leaf_slot: list = [None] * len(leaves)
     for b in range(num_blocks):
       seen: dict = {}
-      for index, (x, i) in enumerate(zip(leaves, ids)):
-        if i != b:
+      for index, (x, spec) in enumerate(zip(leaves, ids)):
+        where = _position(spec, x, b)
+        if where is None:
           continue
-        kind = (tuple(jnp.shape(x)), jnp.result_type(x))
-        slot = (*kind, seen.get(kind, 0))
-        seen[kind] = slot[2] + 1
+        if where < 0:
+          kind = (tuple(jnp.shape(x)), jnp.result_type(x))
+          slot = (*kind, seen.get(kind, 0))
+          seen[kind] = slot[2] + 1
+        else:  # a stacked leaf: one slot (a layer) of its own, whichever layer is active
+          slot = (tuple(jnp.shape(x)[1:]), jnp.result_type(x), ("stacked", index))
         slot_of_leaf_in_block[b][slot] = index
         leaf_slot[index] = slot
     slots = sorted({s for d in slot_of_leaf_in_block for s in d}, key=repr)
@@ -455,10 +608,8 @@ def block_coordinate(
     new_updates = jax.tree.unflatten(
       treedef,
       [
-        jnp.zeros(jnp.shape(x), x.dtype)
-        if i < 0
-        else jnp.where(block == i, by_slot[leaf_slot[index]], jnp.zeros((), x.dtype))
-        for index, (x, i) in enumerate(zip(leaves, ids))
+        _leaf_update(x, spec, block, by_slot.get(leaf_slot[index]))
+        for index, (x, spec) in enumerate(zip(leaves, ids))
       ],
     )
     new_state = BlockCoordinateState(

@@ -75,7 +75,15 @@ from jax.extend import core as jex_core
 from zojax import fastrandom, ordering, perturbations
 from zojax import keys as keys_lib
 
-__all__ = ["value_at", "lazy_leaf_count", "low_rank", "deferred", "concrete", "reshaped"]
+__all__ = [
+  "value_at",
+  "lazy_leaf_count",
+  "low_rank",
+  "deferred",
+  "patched",
+  "concrete",
+  "reshaped",
+]
 
 
 class _Deferred:
@@ -152,6 +160,49 @@ def deferred(fn: Callable[[jax.Array | None], jax.Array], shape_like) -> _Deferr
   is scheduled late). ``shape_like`` has the value's shape and dtype.
   """
   return _Thunk(fn, jax.ShapeDtypeStruct(shape_like.shape, jnp.result_type(shape_like.dtype)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Patched(_Deferred):
+  """``base`` with its slice ``position`` (axis 0) replaced by the deferred ``piece``.
+
+  A stacked leaf of which one layer is perturbed (`zojax.block_coordinate`
+  with `zojax.StackedBlocks`). A ``scan`` over the stack forms the piece in
+  the iteration that reads that layer and passes the other layers through.
+  """
+
+  base: Any
+  position: int
+  piece: _Deferred
+
+  def materialize(self, zero=None):
+    piece = self.piece.materialize(zero).astype(self.base.dtype)
+    return lax.dynamic_update_index_in_dim(self.base, piece, self.position, 0)
+
+
+def patched(base, position: int, piece):
+  """A stacked leaf ``base`` whose slice ``position`` along axis 0 is ``piece``.
+
+  ``piece`` is a deferred perturbed slice (or an array). Where `value_at`
+  meets the result as an input scanned over by ``lax.scan``, only the
+  iteration that reads slice ``position`` forms the piece: no perturbed copy
+  of the stack exists. Any other use materializes the patched stack.
+  """
+  position = int(position)
+  if not 0 <= position < jnp.shape(base)[0]:
+    raise ValueError(f"position must lie in [0, {jnp.shape(base)[0]}), got {position}.")
+  if not _is_lazy(piece):
+    return lax.dynamic_update_index_in_dim(base, jnp.asarray(piece, base.dtype), position, 0)
+  if tuple(_shape_of(piece)) != tuple(jnp.shape(base)[1:]):
+    raise ValueError(
+      f"piece has shape {tuple(_shape_of(piece))}, expected one slice of the base: "
+      f"{tuple(jnp.shape(base)[1:])}."
+    )
+  return _Patched(base, position, piece)
+
+
+def _shape_of(value) -> tuple[int, ...]:
+  return tuple(jnp.shape(_base_of(value)))
 
 
 def concrete(value):
@@ -416,6 +467,8 @@ def _sliceable(x, length: int) -> bool:
   if isinstance(x, _LowRank):
     shapes = (jnp.shape(x.base), _shape(x.left), _shape(x.right))
     return all(len(a) >= 3 and a[0] == length for a in shapes)
+  if isinstance(x, _Patched):
+    return x.base.shape[0] == length
   return False
 
 
@@ -454,7 +507,7 @@ def _scan_rule(eqn, invals):
       for i, x in enumerate(xs)
     ]
   pieces = [
-    (xs[i].base,) if isinstance(xs[i], _Lazy) else (xs[i].base, xs[i].left, xs[i].right)
+    (xs[i].base, xs[i].left, xs[i].right) if isinstance(xs[i], _LowRank) else (xs[i].base,)
     for i in sliced
   ]
   body = p["jaxpr"]
@@ -469,6 +522,9 @@ def _scan_rule(eqn, invals):
         piece = next(it)
         if isinstance(lazy, _LowRank):
           args.append(_LowRank(*piece))
+          continue
+        if isinstance(lazy, _Patched):
+          args.append(_patched_slice(lazy, piece[0], step))
           continue
         per_slice = math.prod(lazy.base.shape[1:])
         offset = jnp.asarray(lazy.offset, jnp.uint32) + step * jnp.uint32(per_slice)
@@ -492,6 +548,22 @@ def _scan_rule(eqn, invals):
     unroll=p["unroll"],
   )
   return list(carry_out) + list(ys)
+
+
+def _patched_slice(patched: _Patched, layer: jax.Array, step: jax.Array) -> _Thunk:
+  """Iteration ``step``'s slice of a patched stack: the piece at its position, else ``layer``.
+
+  A conditional, so the other iterations draw nothing (MeZO-BCD's saving).
+  """
+
+  def form(zero):
+    return lax.cond(
+      step == jnp.uint32(patched.position),
+      lambda: patched.piece.materialize(zero).astype(layer.dtype),
+      lambda: layer,
+    )
+
+  return _Thunk(form, jax.ShapeDtypeStruct(layer.shape, layer.dtype))
 
 
 _VIEW_PRIMITIVES = (
@@ -674,7 +746,7 @@ def value_at(
 
 def _base_of(value):
   """The array whose shape and dtype a (possibly deferred) leaf has."""
-  if isinstance(value, (_Lazy, _LowRank)):
+  if isinstance(value, (_Lazy, _LowRank, _Patched)):
     return value.base
   if isinstance(value, _Thunk):
     return value.shape_like

@@ -55,33 +55,29 @@ class Optimizer:
 
 
 def layer_blocks(params) -> Any:
-  """MeZO-BCD's blocks for the unrolled decoder: one block per layer, nothing else trained.
+  """MeZO-BCD's blocks for the decoder: one block per layer, nothing else trained.
 
-  Decoder layer ``i`` (``params["layers"][i]``) is block ``i``; the token and
-  position tables, the final norm, OPT's ``project_in``/``project_out`` and an
-  untied ``lm_head`` get id ``-1`` and stay frozen, as in the reference code of
-  MeZO-BCD (arXiv 2501.19099, siihwanpark/zo-block: ``include_embedding`` and
+  Decoder layer ``i`` is block ``i``; the token and position tables, the
+  final norm, OPT's ``project_in``/``project_out`` and an untied ``lm_head``
+  get id ``-1`` and stay frozen, as in the reference code of MeZO-BCD (arXiv
+  2501.19099, siihwanpark/zo-block: ``include_embedding`` and
   ``include_lm_head`` both default to False). This is
-  `zojax.top_level_blocks` applied one level down, to the list of layers.
+  `zojax.top_level_blocks` with everything but ``"layers"`` excluded; in the
+  scanned layout (``params["layers"]`` stacked leaves) each layer is a slice
+  of every leaf (`zojax.StackedBlocks`), and a step perturbs and updates
+  only that slice, inside the scan body.
 
   Args:
-    params: decoder parameters in the unrolled layout (``params["layers"]`` a
-      list of per-layer dicts).
+    params: decoder parameters in either layout.
 
   Returns:
-    A pytree of Python ints with the structure of ``params``.
-
-  Raises:
-    ValueError: the layers are stacked (the scanned layout): MeZO-BCD picks
-      whole leaves, and there one leaf holds every layer.
+    A pytree with the structure of ``params``: Python ints in the unrolled
+    layout, `zojax.StackedBlocks` for the stacked layers.
   """
   layers = params["layers"]
-  if not isinstance(layers, list | tuple):
-    raise ValueError(
-      "MeZO-BCD needs --layout unrolled: its blocks are the decoder layers, and the scanned "
-      "layout stacks all layers into each leaf"
-    )
   frozen = {k: jax.tree.map(lambda _: -1, v) for k, v in params.items() if k != "layers"}
+  if not isinstance(layers, list | tuple):
+    return {**frozen, "layers": jax.tree.map(lambda _: zojax.StackedBlocks(0), layers)}
   ids = [jax.tree.map(lambda _, i=i: i, layer) for i, layer in enumerate(layers)]
   return {**frozen, "layers": type(layers)(ids)}
 

@@ -178,9 +178,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--layout",
     choices=("unrolled", "scan"),
     default="unrolled",
-    help="decoder layers as a list run by a Python loop (every layer its own leaves: MeZO-BCD "
-    "needs it) or stacked and run by lax.scan (compile time independent of depth; every "
-    "optimizer but mezo_bcd).",
+    help="decoder layers as a list run by a Python loop (every layer its own leaves) or stacked "
+    "and run by lax.scan (compile time independent of depth, except for mezo_bcd, whose step "
+    "holds one branch per layer either way).",
   )
   g.add_argument(
     "--dtype",
@@ -357,11 +357,6 @@ def _check_args(args: argparse.Namespace, num_devices: int) -> None:
     )
   if args.model_dir is not None and args.pretrained_cache is not None:
     raise UsageError("--pretrained-cache is for the embedded default; drop it with --model-dir")
-  if args.layout == "scan" and args.optimizer == "mezo_bcd":
-    raise UsageError(
-      "mezo_bcd needs --layout unrolled: its blocks are the decoder layers, which the scanned "
-      "layout stacks into shared leaves"
-    )
   if args.bf16_update is not None and args.dtype != "bfloat16":
     raise UsageError("--bf16-update applies to --dtype bfloat16 only")
   if args.embedded_hidden % 4:
