@@ -448,12 +448,17 @@ def block_coordinate(
   (use ``-1``) freezes a leaf: it is never perturbed and its update is
   always zero. None means `top_level_blocks`: one block per top-level
   submodule (descending into ``{"params": ...}``), in natural name order.
+  For layers stacked on a leading axis and run by `jax.lax.scan`, a leaf's
+  id may be `StackedBlocks` ``(first)``: its layer ``j`` is block
+  ``first + j`` (``top_level_blocks(params, stacked=["layers"])``).
 
   **What ``inner`` sees.** For block ``b``, ``inner`` is initialised on and
   updated with the *sub-tree* of block ``b``: the parameters with ``None``
   in place of every leaf of other blocks (as `optax.masked` does with its
-  placeholders). Its state, e.g. Adam moments, therefore covers only that
-  block, and all blocks together hold one optimizer state for the model.
+  placeholders); a stacked leaf appears as its active layer (the slice
+  ``leaf[b - first]``). Its state, e.g. Adam moments, therefore covers only
+  that block, and all blocks together hold one optimizer state for the
+  model.
   Masks inside ``inner`` should be callables (e.g. `zojax.matrix_mask`).
   The loss reaches the estimator unchanged (``value_fn=`` or ``batch=``),
   together with ``param_map=``, which puts the block back into the full
@@ -475,6 +480,14 @@ def block_coordinate(
   inner transform alone (for a 12-block MLP, ~12x a MeZO step's compile).
   Use coarser blocks (group layers with ``blocks=``) if that is too slow.
 
+  **Memory.** With `zojax.zo_grad`'s default ``perturb_at_use=True`` the
+  perturbed block is formed where the forward reads it, and in a scanned
+  stack only in the iteration of the active layer
+  (`zojax.perturb_at_use.patched`): a step holds about one layer beyond
+  inference, on unrolled and scanned layers alike. The update of a stacked
+  leaf is its layer's update broadcast and kept on the active layer, fused
+  by XLA into `optax.apply_updates`.
+
   **Logging.** The state records the loss of the last step; read it with
   ``optax.tree_utils.tree_get(state, "BlockCoordinateState").loss`` (see
   `BlockCoordinateState`).
@@ -483,8 +496,9 @@ def block_coordinate(
     inner: the per-block transform, e.g. ``optax.chain(zojax.zo_grad(),
       optax.adam(1e-4))``. It is shared by all blocks (each has its own
       state).
-    blocks: None (one block per top-level submodule), a pytree of int block
-      ids matching the parameters, or a callable returning one.
+    blocks: None (one block per top-level submodule), a pytree of block ids
+      (ints, or `StackedBlocks` for stacked layers) matching the
+      parameters, or a callable returning one.
     switch_every: steps between block switches, ``K >= 1``.
     order: ``"random"``, ``"ascending"`` or ``"descending"``.
     seed: an integer seed or a `jax.random` key for the block order.

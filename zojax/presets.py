@@ -573,7 +573,11 @@ def mezo_bcd(
   trained). To do the same, freeze them with ids ``-1``, e.g.
   ``blocks=lambda p: top_level_blocks(p, exclude=["embed", "head"])``
   with the names of your model's submodules; to group several modules into
-  one block, pass your own pytree of ids.
+  one block, pass your own pytree of ids. With layers stacked and run by
+  `jax.lax.scan`, each layer's slice is a block:
+  ``blocks=lambda p: top_level_blocks(p, exclude=[...], stacked=["layers"])``
+  (`zojax.StackedBlocks`); a step then forms the perturbed layer inside the
+  scan iteration that reads it.
 
   This is ``optax.chain(block_coordinate(chain(zo_grad(...),
   add_decayed_weights(...)), ...), scale_by_learning_rate(...))``; MeZO-BCD
