@@ -350,8 +350,8 @@ def test_inner_state_is_per_block_and_keys_differ():
 def test_errors():
   params = {"a": jnp.ones(2), "b": jnp.ones(2)}
   inner = optax.chain(zojax.zo_grad(), optax.sgd(0.1))
-  for bad in (0, -3, 1.5, True):
-    with pytest.raises(ValueError, match="switch_every"):
+  for bad, error in ((0, ValueError), (-3, ValueError), (1.5, TypeError), (True, TypeError)):
+    with pytest.raises(error, match="switch_every"):
       block_coordinate(inner, switch_every=bad)
   with pytest.raises(ValueError, match="random.*ascending.*descending"):
     block_coordinate(inner, order="flip_flop")

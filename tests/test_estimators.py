@@ -407,9 +407,9 @@ class CompositionTest(chex.TestCase):
 
 
 class ErrorTest(parameterized.TestCase):
-  @parameterized.parameters(0, -1, 1.5, True)
-  def test_bad_num_queries(self, n):
-    with pytest.raises(ValueError, match="num_queries"):
+  @parameterized.parameters((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError))
+  def test_bad_num_queries(self, n, error):
+    with pytest.raises(error, match="num_queries"):
       zojax.zo_grad(num_queries=n)
 
   @parameterized.parameters(0.0, -1e-3)

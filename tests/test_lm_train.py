@@ -135,12 +135,12 @@ def test_mezo_bcd_trains_decoder_layers_only(layout, model_dir, data_dir):
   params = jax.device_get(params)
   for key in ("embed_tokens", "embed_positions", "final_layer_norm"):
     chex.assert_trees_all_equal(params[key], jax.device_get(start[key]))
-  kernels = params["layers"]["fc1"]["kernel"] if layout == "scan" else [
-    layer["fc1"]["kernel"] for layer in params["layers"]
-  ]
-  moved = [
-    not np.array_equal(kernels[i], start["layers"][i]["fc1"]["kernel"]) for i in range(2)
-  ]
+  kernels = (
+    params["layers"]["fc1"]["kernel"]
+    if layout == "scan"
+    else [layer["fc1"]["kernel"] for layer in params["layers"]]
+  )
+  moved = [not np.array_equal(kernels[i], start["layers"][i]["fc1"]["kernel"]) for i in range(2)]
   assert sum(moved) == 1, moved  # one step: exactly one layer
 
 

@@ -274,9 +274,11 @@ class ErrorTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="newton_schulz.*svd.*power_iteration"):
       orth.orthogonalize("muon")
 
-  @parameterized.parameters(None, 0, -1, 2.5, True)
-  def test_power_iteration_needs_positive_rank(self, rank):
-    with pytest.raises(ValueError, match="rank"):
+  @parameterized.parameters(
+    (None, ValueError), (0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)
+  )
+  def test_power_iteration_needs_positive_rank(self, rank, error):
+    with pytest.raises(error, match="rank"):
       orth.orthogonalize("power_iteration", rank=rank)
 
   @parameterized.parameters("newton_schulz", "svd")

@@ -5,6 +5,7 @@ Fine-tune a network from forward passes alone, with the memory of inference.
 
 from zojax import (
   block_coordinates,
+  hyperparams,
   keys,
   orthogonalizers,
   perturb_at_use,
@@ -14,8 +15,8 @@ from zojax import (
   trajectory,
 )
 from zojax.block_coordinates import (
-  StackedBlocks,
   BlockCoordinateState,
+  StackedBlocks,
   active_block,
   block_coordinate,
   top_level_blocks,
@@ -51,6 +52,7 @@ __all__ = [
   "ESTIMATORS",
   "ZOGradState",
   "forwards_per_step",
+  "hyperparams",
   "keys",
   "MasterWeightsState",
   "StochasticRoundingState",

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zojax import hyperparams, perturb_at_use
 from zojax import keys as keys_lib
-from zojax import perturb_at_use
 
 ORDERS = ("random", "ascending", "descending")
 
@@ -283,11 +283,9 @@ def _check_order(order: str) -> None:
     raise ValueError(f"Unknown block order {order!r}; expected one of {ORDERS}.")
 
 
-def _check_switch_every(switch_every: int) -> None:
-  if isinstance(switch_every, bool) or not isinstance(switch_every, (int, np.integer)):
-    raise ValueError(f"switch_every must be an integer >= 1, got {switch_every!r}.")
-  if switch_every < 1:
-    raise ValueError(f"switch_every must be an integer >= 1, got {switch_every!r}.")
+def _check_switch_every(switch_every: Any) -> Any:
+  """``switch_every`` as an int >= 1 (a tracer passes: it only enters traced arithmetic)."""
+  return hyperparams.integer("switch_every", switch_every, minimum=1)
 
 
 def active_block(
@@ -528,10 +526,9 @@ def block_coordinate(
   """
   if not isinstance(inner, optax.GradientTransformation | optax.GradientTransformationExtraArgs):
     raise TypeError(f"inner must be an optax GradientTransformation, got {type(inner).__name__}.")
-  _check_switch_every(switch_every)
+  switch_every = _check_switch_every(switch_every)
   _check_order(order)
   inner = optax.with_extra_args_support(inner)
-  switch_every = int(switch_every)
   key = keys_lib.stream_key(keys_lib.as_key(seed), "block_coordinate")
 
   def schedule(count, num_blocks):

@@ -16,10 +16,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zojax import hyperparams, perturb_at_use, perturbations
 from zojax import keys as keys_lib
-from zojax import perturb_at_use, perturbations
 
 ESTIMATORS = ("two_sided", "one_sided")
+# eps is a perturbation scale relative to weights of order 1e-2 .. 1: above 1
+# the perturbed model is another model and the difference quotient no longer
+# estimates a derivative. Below 1e-5 a float32 weight of order 1 no longer
+# moves by eps * z (its spacing is 6e-8 * |w|): warned, not refused (float64).
+EPS_MAX = 1.0
+EPS_WARN_BELOW = 1e-5
+EPS_HINT = "It is the perturbation scale (MeZO: 1e-3), not a stability constant."
 
 __all__ = ["ESTIMATORS", "ZOGradState", "zo_grad", "forwards_per_step"]
 
@@ -238,7 +245,7 @@ def _replay(projected_grads, params, step_key, config: _Config, value_fn, batch)
 def zo_grad(
   loss_fn: Callable[..., jax.Array] | None = None,
   *,
-  num_queries: int = 1,
+  num_queries: int | None = None,
   eps: float = 1e-3,
   estimator: str = "two_sided",
   distribution: str = "gaussian",
@@ -310,7 +317,7 @@ def zo_grad(
   Args:
     loss_fn: optional loss ``loss_fn(params, batch) -> scalar`` bound at
       construction; if None, ``value_fn`` must be passed to ``update``.
-    num_queries: number of directions per step, ``N >= 1``.
+    num_queries: number of directions per step, ``N >= 1``; None means 1.
     eps: perturbation scale ``epsilon > 0``.
     estimator: ``"two_sided"`` (MeZO) or ``"one_sided"`` (shared baseline).
     distribution: direction distribution, ``"gaussian"``, ``"rademacher"``
@@ -356,17 +363,25 @@ def zo_grad(
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
   """
-  if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
-    raise ValueError(f"num_queries must be an integer >= 1, got {num_queries!r}.")
-  if not eps > 0:
-    raise ValueError(f"eps must be > 0, got {eps!r}.")
+  num_queries = hyperparams.integer(
+    "num_queries", 1 if num_queries is None else num_queries, minimum=1
+  )
+  eps = hyperparams.real("eps", eps, low=0.0, low_open=True, high=EPS_MAX, hint=EPS_HINT)
+  if not hyperparams.is_traced(eps) and eps < EPS_WARN_BELOW:
+    warnings.warn(
+      f"eps={eps:g}: a float32 weight w moves by eps * z only where |w| is below about "
+      f"eps / 6e-8 = {eps / 6e-8:.3g}; beyond, the perturbation rounds away and the "
+      "finite differences measure rounding. MeZO uses 1e-3.",
+      stacklevel=2,
+    )
   _check_estimator(estimator)
   perturbations.check_distribution(distribution)
   if loss_fn is not None and not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+  static_queries = num_queries if isinstance(num_queries, int) else None
   config = _Config(
-    num_queries,
-    float(eps),
+    static_queries,
+    eps,
     estimator,
     distribution,
     mask,
@@ -378,13 +393,34 @@ def zo_grad(
 
   def init_fn(params):
     del params
+    if static_queries is None:
+      raise ValueError(
+        "num_queries is traced here (optax.inject_hyperparams inside jax.jit or "
+        "jax.eval_shape?), but it fixes the shape of the state. Leave it at its default, "
+        "pass static_args=('num_queries',) to optax.inject_hyperparams, or call init "
+        "outside jit."
+      )
     return ZOGradState(
       count=jnp.zeros([], jnp.int32),
       key=key,
       loss=jnp.full([], jnp.nan, jnp.float32),
-      projected_grads=jnp.zeros([num_queries], jnp.float32),
+      projected_grads=jnp.zeros([static_queries], jnp.float32),
       num_nonfinite=jnp.zeros([], jnp.int32),
     )
+
+  def config_for(state) -> _Config:
+    """The configuration checked against ``state`` (a traced num_queries read from it)."""
+    shape = jnp.shape(state.projected_grads)
+    if static_queries is None:
+      return dataclasses.replace(config, num_queries=shape[0])
+    if shape != (static_queries,):
+      raise ValueError(
+        f"This zo_grad has num_queries={static_queries}, but its state holds "
+        f"projected_grads of shape {shape}: the state was built by an optimizer with "
+        f"num_queries={shape[0] if len(shape) == 1 else shape}. Initialise the state with "
+        "this optimizer, or build the optimizer with the state's settings."
+      )
+    return config
 
   def update_fn(
     updates,
@@ -401,6 +437,7 @@ def zo_grad(
     if params is None:
       raise ValueError("zo_grad needs params: call update(updates, state, params, ...).")
     key_t = keys_lib.step_key(state.key, state.count)
+    config = config_for(state)
     if projected_grads is not None:
       grad, loss, c, finite = _replay(projected_grads, params, key_t, config, value_fn, batch)
     else:

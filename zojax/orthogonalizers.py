@@ -33,6 +33,7 @@ import optax
 from optax import contrib as optax_contrib
 from optax.contrib import MuonDimensionNumbers
 
+from zojax import hyperparams
 from zojax import keys as keys_lib
 
 try:  # Exported from optax.contrib in newer releases; optax 0.2.8 keeps it in _muon.
@@ -375,27 +376,28 @@ def power_iteration_step(m: chex.Array, v: chex.Array) -> tuple[jax.Array, jax.A
 # --------------------------------------------------------------------------- transform
 
 
-def _check_construction(method, ns_steps, ns_coeffs, eps, rank) -> None:
+def _check_construction(method, ns_steps, ns_coeffs, eps, rank):
+  """Checks the hyperparameters; returns ``(ns_steps, eps, rank)`` (rank may be a tracer)."""
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
   if method == "power_iteration":
     if rank is None:
       raise ValueError('method="power_iteration" needs rank=k, an integer >= 1.')
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-      raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+    rank = hyperparams.integer("rank", rank, minimum=1)
   elif rank is not None:
     raise ValueError(
       f'rank is only used by method="power_iteration"; got rank={rank!r} with method={method!r}.'
     )
-  if isinstance(ns_steps, bool) or not isinstance(ns_steps, (int, np.integer)) or ns_steps < 1:
-    raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}.")
+  ns_steps = hyperparams.integer("ns_steps", ns_steps, minimum=1)
   coeffs = np.asarray(ns_coeffs, np.float64)
   if coeffs.shape != (3,) and coeffs.shape != (ns_steps, 3):
     raise ValueError(
       f"ns_coeffs must have shape (3,) or (ns_steps, 3) = ({ns_steps}, 3), got {coeffs.shape}."
     )
-  if not eps >= 0:
-    raise ValueError(f"eps must be >= 0, got {eps!r}.")
+  if not np.all(np.isfinite(coeffs)):
+    raise ValueError(f"ns_coeffs must be finite, got {coeffs.tolist()}.")
+  eps = hyperparams.real("eps", eps, low=0.0)
+  return ns_steps, eps, rank
 
 
 def orthogonalize(
@@ -477,7 +479,7 @@ def orthogonalize(
     >>> state.v["w"].shape, round(float(jnp.linalg.norm(updates["w"])) ** 2, 3)
     ((1, 4, 2), 2.0)
   """
-  _check_construction(method, ns_steps, ns_coeffs, eps, rank)
+  ns_steps, eps, rank = _check_construction(method, ns_steps, ns_coeffs, eps, rank)
   if not isinstance(dimension_numbers, MuonDimensionNumbers) and not callable(dimension_numbers):
     _check_dimension_numbers_tree(dimension_numbers)
   key = keys_lib.as_key(seed) if method == "power_iteration" else None
@@ -491,6 +493,13 @@ def orthogonalize(
   def init_fn(params):
     if method != "power_iteration":
       return optax.EmptyState()
+    if not isinstance(rank, int):
+      raise ValueError(
+        "The power-iteration rank is traced here (optax.inject_hyperparams inside jax.jit "
+        "or jax.eval_shape?), but it fixes the shape of the state. Leave zo_mopi's k at its "
+        "default, pass static_args=('k',) to optax.inject_hyperparams, or call init "
+        "outside jit."
+      )
     leaves, treedef = jax.tree.flatten(params)
     dims = treedef.flatten_up_to(resolve_dimension_numbers(dimension_numbers, params))
     leaf_keys = keys_lib.leaf_keys(key, params)
@@ -529,6 +538,15 @@ def orthogonalize(
           f"(state basis {None if v is None else v.shape}); was init called on "
           "params with the same structure and dimension numbers?"
         )
+      if method == "power_iteration" and isinstance(rank, int):
+        k = min(rank, matrix.shape[1], matrix.shape[2])
+        if v.shape[-1] != k:
+          raise ValueError(
+            f"This orthogonalizer has power-iteration rank {rank} (k = {k} for a leaf of "
+            f"shape {x.shape}), but its state holds a basis of rank {v.shape[-1]}: the "
+            "state was built with another rank (zo_mopi's k). Initialise the state with "
+            "this optimizer."
+          )
       views[i] = (matrix, inverse_fn)
       key = (matrix.shape[1:], matrix.dtype, None if v is None else (v.shape[1:], v.dtype))
       groups.setdefault(key, []).append(i)

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from zojax import hyperparams, orthogonalizers, perturbations
 from zojax import keys as keys_lib
-from zojax import orthogonalizers, perturbations
 from zojax.block_coordinates import Blocks, block_coordinate
 from zojax.estimators import zo_grad
 from zojax.orthogonalizers import orthogonalize
 from zojax.subspaces import coordinate_dimension_numbers, subspace
 
 __all__ = [
+  "DEFAULTS",
   "mezo_bcd",
   "lozo",
   "lozo_m",
@@ -25,6 +27,24 @@ __all__ = [
   "zo_mopi",
   "zo_muon",
 ]
+
+
+# The values the presets' integer arguments take when left at None. They fix
+# array shapes, so the signatures default them to None: optax.inject_hyperparams
+# then leaves them static instead of turning them into (traced) arrays.
+DEFAULTS = {
+  "mezo": {"num_queries": 1},
+  "mezo_bcd": {"num_queries": 1},
+  "zo_muon": {"rank": 64, "num_queries": 4},
+  "zo_mopi": {"rank": 64, "k": 32, "num_queries": 8},
+  "lozo": {"rank": 2},
+  "lozo_m": {"rank": 2},
+  "subzero": {"rank": 24},
+}
+
+
+def _or_default(preset: str, name: str, value):
+  return DEFAULTS[preset][name] if value is None else value
 
 
 def matrix_mask(mask: perturbations.Mask = None) -> Callable:
@@ -50,7 +70,7 @@ def mezo(
   eps: float = 1e-3,
   weight_decay: float = 0.0,
   *,
-  num_queries: int = 1,
+  num_queries: int | None = None,
   distribution: str = "gaussian",
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
@@ -85,7 +105,8 @@ def mezo(
     learning_rate: ``eta``, a float or an optax schedule.
     eps: perturbation scale.
     weight_decay: ``lambda``, applied to leaves with ``ndim >= 2``.
-    num_queries: directions per step (n-SPSA; the estimate is their mean).
+    num_queries: directions per step (n-SPSA; the estimate is their mean);
+      None means 1.
     distribution: ``"gaussian"`` (MeZO), ``"rademacher"`` or ``"sphere"``.
     mask: leaves to train (see `zojax.zo_grad`); others are left unchanged.
     loss_fn: optional loss bound at construction (see `zojax.zo_grad`).
@@ -108,6 +129,8 @@ def mezo(
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
   """
+  learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
+  weight_decay = hyperparams.real("weight_decay", weight_decay, low=0.0)
   return optax.chain(
     zo_grad(
       loss_fn,
@@ -164,9 +187,9 @@ def split_learning_rates(
 def zo_muon(
   learning_rate: optax.ScalarOrSchedule = 1e-2,
   *,
-  rank: int = 64,
+  rank: int | None = None,
   refresh_every: int | None = 100,
-  num_queries: int = 4,
+  num_queries: int | None = None,
   eps: float = 1e-3,
   estimator: str = "one_sided",
   orthogonalizer: str = "newton_schulz",
@@ -211,9 +234,9 @@ def zo_muon(
 
   Args:
     learning_rate: ``eta`` for matrices (float or schedule).
-    rank: ``r``, clamped per matrix to its output dimension.
+    rank: ``r``, clamped per matrix to its output dimension; None means 64.
     refresh_every: ``T``, steps between basis redraws (None: never).
-    num_queries: ``N``.
+    num_queries: ``N``; None means 4.
     eps: perturbation scale.
     estimator: ``"one_sided"`` (released multi-query path) or ``"two_sided"``.
     orthogonalizer: ``"newton_schulz"`` or ``"svd"``.
@@ -231,10 +254,12 @@ def zo_muon(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
+  learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
+  vector_learning_rate = hyperparams.learning_rate("vector_learning_rate", vector_learning_rate)
   inner = optax.chain(
     zo_grad(
       loss_fn,
-      num_queries=num_queries,
+      num_queries=_or_default("zo_muon", "num_queries", num_queries),
       eps=eps,
       estimator=estimator,
       mask=mask,
@@ -246,19 +271,25 @@ def zo_muon(
     split_learning_rates(learning_rate, vector_learning_rate, coordinate_dimension_numbers),
   )
   return optax.chain(
-    subspace(inner, rank, refresh_every, dimension_numbers=dimension_numbers, seed=seed)
+    subspace(
+      inner,
+      _or_default("zo_muon", "rank", rank),
+      refresh_every,
+      dimension_numbers=dimension_numbers,
+      seed=seed,
+    )
   )
 
 
 def zo_mopi(
   learning_rate: optax.ScalarOrSchedule = 1e-2,
   *,
-  rank: int = 64,
-  k: int = 32,
+  rank: int | None = None,
+  k: int | None = None,
   beta: float = 0.9,
   refresh_every: int | None = 500,
   anchored: bool = True,
-  num_queries: int = 8,
+  num_queries: int | None = None,
   eps: float = 1e-3,
   vector_learning_rate: optax.ScalarOrSchedule = 1e-4,
   dimension_numbers=None,
@@ -299,12 +330,13 @@ def zo_mopi(
 
   Args:
     learning_rate: ``eta`` for matrices.
-    rank: ``r``.
-    k: rank of the partial orthogonalization (and of the anchor).
-    beta: momentum ``beta`` (0 disables it).
+    rank: ``r``; None means 64.
+    k: rank of the partial orthogonalization (and of the anchor); None
+      means 32.
+    beta: momentum ``beta`` in [0, 1) (0 disables it).
     refresh_every: ``T``.
     anchored: momentum-anchored refresh (True) or random refresh.
-    num_queries: ``N``.
+    num_queries: ``N``; None means 8.
     eps: perturbation scale.
     vector_learning_rate: learning rate of leaves with ``ndim < 2`` (the
       released LLM code uses 1e-7).
@@ -320,10 +352,19 @@ def zo_mopi(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
+  learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
+  vector_learning_rate = hyperparams.learning_rate("vector_learning_rate", vector_learning_rate)
+  beta = hyperparams.real("beta", beta, low=0.0, high=1.0, high_open=True)
+  anchored = hyperparams.flag("anchored", anchored)
+  rank = hyperparams.integer("rank", _or_default("zo_mopi", "rank", rank), minimum=1)
+  k = hyperparams.integer("k", _or_default("zo_mopi", "k", k), minimum=1)
+  # Python's min for concrete ranks, jnp's for traced ones (optax.inject_hyperparams).
+  static = isinstance(k, int) and isinstance(rank, int)
+  anchor_rank = min(k, rank) if static else jnp.minimum(k, rank)
   inner = optax.chain(
     zo_grad(
       loss_fn,
-      num_queries=num_queries,
+      num_queries=_or_default("zo_mopi", "num_queries", num_queries),
       eps=eps,
       estimator="one_sided",
       mask=mask,
@@ -343,7 +384,7 @@ def zo_mopi(
       rank,
       refresh_every,
       basis="momentum" if anchored else "haar",
-      anchor_rank=min(k, rank) if anchored else None,
+      anchor_rank=anchor_rank if anchored else None,
       dimension_numbers=dimension_numbers,
       seed=seed,
     ),
@@ -351,10 +392,12 @@ def zo_mopi(
 
 
 def _lozo_chain(inner_extra, learning_rate, rank, refresh_every, paper_scaling, dims, seed):
+  learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
+  paper_scaling = hyperparams.flag("paper_scaling", paper_scaling)
   return optax.chain(
     subspace(
       optax.chain(inner_extra, optax.scale_by_learning_rate(learning_rate)),
-      rank,
+      _or_default("lozo", "rank", rank),
       refresh_every,
       side="in",
       basis="gaussian",
@@ -368,7 +411,7 @@ def _lozo_chain(inner_extra, learning_rate, rank, refresh_every, paper_scaling, 
 def lozo(
   learning_rate: optax.ScalarOrSchedule,
   *,
-  rank: int = 2,
+  rank: int | None = None,
   refresh_every: int | None = 50,
   eps: float = 1e-3,
   paper_scaling: bool = True,
@@ -399,7 +442,7 @@ def lozo(
 
   Args:
     learning_rate: ``eta``.
-    rank: ``r``, clamped per matrix to its input dimension.
+    rank: ``r``, clamped per matrix to its input dimension; None means 2.
     refresh_every: ``T`` (``nu`` in the paper).
     eps: perturbation scale.
     paper_scaling: divide the matrix updates by ``r``.
@@ -424,7 +467,7 @@ def lozo_m(
   learning_rate: optax.ScalarOrSchedule,
   *,
   beta: float = 0.9,
-  rank: int = 2,
+  rank: int | None = None,
   refresh_every: int | None = 50,
   eps: float = 1e-3,
   paper_scaling: bool = True,
@@ -446,8 +489,8 @@ def lozo_m(
 
   Args:
     learning_rate: ``eta``.
-    beta: momentum (0.9 in the released code).
-    rank: ``r``.
+    beta: momentum in [0, 1) (0.9 in the released code).
+    rank: ``r``; None means 2.
     refresh_every: ``T``.
     eps: perturbation scale.
     paper_scaling: divide the matrix updates by ``r`` (see `lozo`).
@@ -464,7 +507,7 @@ def lozo_m(
   """
   inner = optax.chain(
     zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name),
-    optax.ema(beta, debias=False),
+    optax.ema(hyperparams.real("beta", beta, low=0.0, high=1.0, high_open=True), debias=False),
   )
   return _lozo_chain(
     inner, learning_rate, rank, refresh_every, paper_scaling, dimension_numbers, seed
@@ -474,7 +517,7 @@ def lozo_m(
 def subzero(
   learning_rate: optax.ScalarOrSchedule,
   *,
-  rank: int = 24,
+  rank: int | None = None,
   refresh_every: int | None = 1000,
   eps: float = 1e-3,
   dimension_numbers=None,
@@ -502,7 +545,7 @@ def subzero(
 
   Args:
     learning_rate: ``eta``.
-    rank: ``r``, clamped per matrix to ``min(m, n)``.
+    rank: ``r``, clamped per matrix to ``min(m, n)``; None means 24.
     refresh_every: ``T``.
     eps: perturbation scale.
     dimension_numbers: matrix view of leaves (see `zojax.subspace`).
@@ -516,13 +559,14 @@ def subzero(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
+  learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
   return optax.chain(
     subspace(
       optax.chain(
         zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name),
         optax.scale_by_learning_rate(learning_rate),
       ),
-      rank,
+      _or_default("subzero", "rank", rank),
       refresh_every,
       side="both",
       scale="sqrt_mn_over_r",
@@ -540,7 +584,7 @@ def mezo_bcd(
   switch_every: int = 100,
   order: str = "random",
   weight_decay: float = 0.0,
-  num_queries: int = 1,
+  num_queries: int | None = None,
   seed: keys_lib.KeyLike = 0,
   loss_fn: Callable | None = None,
   axis_name: str | None = None,
@@ -593,7 +637,8 @@ def mezo_bcd(
       ``"descending"``.
     weight_decay: ``lambda``, applied to the active block's leaves with
       ``ndim >= 2``.
-    num_queries: directions per step (their mean is the estimate).
+    num_queries: directions per step (their mean is the estimate); None
+      means 1.
     seed: an integer seed or a `jax.random` key (directions and block order
       use independent streams of it).
     loss_fn: optional loss bound at construction (see `zojax.zo_grad`).
@@ -618,6 +663,8 @@ def mezo_bcd(
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
   """
+  learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
+  weight_decay = hyperparams.real("weight_decay", weight_decay, low=0.0)
   inner = optax.chain(
     zo_grad(
       loss_fn,

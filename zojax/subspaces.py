@@ -82,8 +82,8 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
+from zojax import hyperparams, ordering, perturb_at_use, perturbations
 from zojax import keys as keys_lib
-from zojax import ordering, perturb_at_use, perturbations
 from zojax import orthogonalizers as orth
 
 SIDES = ("out", "in", "both")
@@ -413,6 +413,47 @@ def _draw_basis(geometry: _Geometry, spec: _LeafSpec, key, kind: str):
   return (draw(k_in, spec.fan_in), draw(k_out, spec.fan_out))
 
 
+def _basis_shapes(geo: _Geometry, spec: _LeafSpec) -> tuple[tuple[int, ...], ...]:
+  """Shapes of a leaf's basis (two for ``side="both"``), as `_draw_basis` makes them."""
+
+  def shape(dim):
+    return (dim, spec.rank) if spec.batch is None else (spec.batch, dim, spec.rank)
+
+  dims = {"out": (spec.fan_out,), "in": (spec.fan_in,), "both": (spec.fan_in, spec.fan_out)}
+  return tuple(shape(d) for d in dims[geo.side])
+
+
+def _no_basis(b) -> bool:
+  """Whether a state's basis entry is the placeholder of a full-space leaf, ``()``."""
+  return isinstance(b, tuple) and len(b) == 0
+
+
+def _check_bases(geo: _Geometry, bases) -> None:
+  """Raises if the state's bases were built for other parameters or another rank."""
+  if len(bases) != len(geo.specs):
+    raise ValueError(
+      f"The subspace state holds {len(bases)} bases but the parameters have "
+      f"{len(geo.specs)} leaves: was it initialised with other parameters?"
+    )
+  for spec, b in zip(geo.specs, bases):
+    if spec is None:
+      if not _no_basis(b):
+        raise ValueError(
+          "The subspace state has a basis for a leaf that these dimension numbers treat as "
+          "full-space: was it built with other dimension_numbers?"
+        )
+      continue
+    got = tuple(jnp.shape(x) for x in (b if isinstance(b, tuple) else (b,)))
+    want = _basis_shapes(geo, spec)
+    if got != want:
+      raise ValueError(
+        f"The subspace state's basis for a leaf of shape {spec.shape} has shape "
+        f"{got if len(got) > 1 else got[0]}, but this optimizer (rank {spec.rank}, side "
+        f"{geo.side!r}) needs {want if len(want) > 1 else want[0]}: the state was built with "
+        "another rank, side or dimension_numbers. Initialise the state with this optimizer."
+      )
+
+
 def _map_param_shaped(state, template, fn):
   """Applies ``fn(index, leaf)`` to every subtree of ``state`` shaped like ``template``.
 
@@ -535,12 +576,9 @@ def subspace(
     >>> updates["kernel"].shape
     (8, 6)
   """
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
-  if refresh_every is not None and (
-    isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
-  ):
-    raise ValueError(f"refresh_every must be an integer >= 1 or None, got {refresh_every!r}.")
+  rank = hyperparams.integer("rank", rank, minimum=1)
+  if refresh_every is not None:
+    refresh_every = hyperparams.integer("refresh_every (or None)", refresh_every, minimum=1)
   if side not in SIDES:
     raise ValueError(f"Unknown side {side!r}; expected one of {SIDES}.")
   if basis not in BASES:
@@ -548,9 +586,13 @@ def subspace(
   if basis == "momentum":
     if side != "out":
       raise ValueError('basis="momentum" (ZO-MOPI) is defined for side="out" only.')
-    if anchor_rank is None or anchor_rank < 1 or anchor_rank > rank:
+    if anchor_rank is None:
+      raise ValueError('basis="momentum" needs 1 <= anchor_rank <= rank, got anchor_rank=None.')
+    anchor_rank = hyperparams.integer("anchor_rank", anchor_rank, minimum=1)
+    if isinstance(anchor_rank, int) and isinstance(rank, int) and anchor_rank > rank:
       raise ValueError(
-        f'basis="momentum" needs 1 <= anchor_rank <= rank, got anchor_rank={anchor_rank!r}.'
+        f'basis="momentum" needs 1 <= anchor_rank <= rank, got anchor_rank={anchor_rank} '
+        f"> rank={rank}."
       )
   elif anchor_rank is not None:
     raise ValueError('anchor_rank is only used with basis="momentum".')
@@ -563,8 +605,27 @@ def subspace(
   draw_kind = "gaussian" if basis == "gaussian" else "haar"
   orthonormal = basis != "gaussian"
 
-  def geometry_of(params):
-    return _Geometry(params, rank, side, dimension_numbers, scale)
+  def geometry_of(params, state=None):
+    if isinstance(rank, int):
+      geo = _Geometry(params, rank, side, dimension_numbers, scale)
+      if state is not None:
+        _check_bases(geo, state.bases)
+      return geo
+    if state is None:
+      raise ValueError(
+        "rank is traced here (optax.inject_hyperparams inside jax.jit or jax.eval_shape?), "
+        "but it fixes the shapes of the state. Leave the preset's rank at its default, pass "
+        "static_args=('rank',) to optax.inject_hyperparams, or call init outside jit."
+      )
+    # A traced rank (optax.inject_hyperparams): read back from the bases. Each
+    # leaf's rank is min(rank, its limit), so the largest basis rank gives
+    # the same per-leaf ranks as the rank the state was built with.
+    widths = [
+      jnp.shape(b[0] if isinstance(b, tuple) else b)[-1] for b in state.bases if not _no_basis(b)
+    ]
+    geo = _Geometry(params, max(widths, default=1), side, dimension_numbers, scale)
+    _check_bases(geo, state.bases)
+    return geo
 
   def coords_like(geo, params):
     leaves = geo.treedef.flatten_up_to(params)
@@ -612,10 +673,17 @@ def subspace(
       for i, spec in enumerate(geo.specs):
         if spec is None:
           continue
-        k = min(anchor_rank, spec.rank, spec.fan_in)
         _, _, vt = jnp.linalg.svd(momentum[i].astype(jnp.float32), full_matrices=False)
-        anchor = bases[i] @ _t(vt[..., :k, :])  # fan_out x k: the momentum's top directions
-        stacked = jnp.concatenate([anchor, new[i][..., k:]], axis=-1)
+        if isinstance(anchor_rank, int):
+          k = min(anchor_rank, spec.rank, spec.fan_in)
+          anchor = bases[i] @ _t(vt[..., :k, :])  # fan_out x k: the momentum's top directions
+          stacked = jnp.concatenate([anchor, new[i][..., k:]], axis=-1)
+        else:  # traced (optax.inject_hyperparams): the same columns, chosen by a mask
+          width = min(spec.rank, spec.fan_in)
+          anchor = bases[i] @ _t(vt[..., :width, :])
+          anchor = jnp.pad(anchor, [(0, 0)] * (anchor.ndim - 1) + [(0, spec.rank - width)])
+          keep = jnp.arange(spec.rank) < jnp.minimum(anchor_rank, width)
+          stacked = jnp.where(keep, anchor, new[i])
         new[i] = orth.orthonormalize_columns(stacked)
 
     def reproject(index, leaf):
@@ -630,7 +698,7 @@ def subspace(
   def update_fn(updates, state, params=None, *, param_map=None, **extra_args):
     if params is None:
       raise ValueError("subspace needs params: call update(updates, state, params, ...).")
-    geo = geometry_of(params)
+    geo = geometry_of(params, state)
     template = coords_like(geo, params)
     bases, inner_state = state.bases, state.inner_state
     if refresh_every is not None:

@@ -19,8 +19,6 @@ MeZO-BCD's blocks are the decoder layers (`layer_blocks`).
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -82,10 +80,6 @@ def layer_blocks(params) -> Any:
   return {**frozen, "layers": type(layers)(ids)}
 
 
-def _default(preset: Callable, argument: str) -> Any:
-  return inspect.signature(preset).parameters[argument].default
-
-
 def _base(
   name: str,
   learning_rate: float,
@@ -128,7 +122,7 @@ def _base(
       seed=seed,
       **given(num_queries=num_queries, rank=rank, refresh_every=refresh_every),
     )
-    q = num_queries or _default(preset, "num_queries")
+    q = num_queries or zojax.presets.DEFAULTS[name]["num_queries"]
     return tx, zojax.forwards_per_step(q, "one_sided")
   preset = {"lozo": zojax.lozo, "lozo_m": zojax.lozo_m, "subzero": zojax.subzero}[name]
   tx = preset(

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -79,10 +78,6 @@ def vit_blocks(params) -> Any:
     return 0
 
   return jax.tree_util.tree_map_with_path(block, params)
-
-
-def _default(preset: Callable, argument: str) -> Any:
-  return inspect.signature(preset).parameters[argument].default
 
 
 def make(
@@ -157,7 +152,7 @@ def make(
       seed=seed,
       **given(num_queries=num_queries, rank=rank, refresh_every=refresh_every),
     )
-    q = num_queries or _default(preset, "num_queries")
+    q = num_queries or zojax.presets.DEFAULTS[name]["num_queries"]
     return Optimizer(name, tx, zojax.forwards_per_step(q, "one_sided"), True)
   preset = {"lozo": zojax.lozo, "lozo_m": zojax.lozo_m, "subzero": zojax.subzero}[name]
   tx = preset(
