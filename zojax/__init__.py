@@ -11,6 +11,7 @@ from zojax import (
   perturbations,
   precision,
   subspaces,
+  testing,
   trajectory,
 )
 from zojax.block_coordinates import (
@@ -82,6 +83,7 @@ __all__ = [
   "orthogonalize",
   "subspace",
   "coordinate_dimension_numbers",
+  "testing",
   "trajectory",
   "zo_grad",
 ]
