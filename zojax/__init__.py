@@ -4,8 +4,10 @@ Fine-tune a network from forward passes alone, with the memory of inference.
 """
 
 from zojax import (
+  array_leaves,
   block_coordinates,
   keys,
+  layouts,
   orthogonalizers,
   perturb_at_use,
   perturbations,
@@ -21,7 +23,9 @@ from zojax.block_coordinates import (
   block_coordinate,
   top_level_blocks,
 )
+from zojax.array_leaves import check_array_leaves
 from zojax.estimators import ESTIMATORS, ZOGradState, forwards_per_step, zo_grad
+from zojax.layouts import equinox_dimension_numbers
 from zojax.orthogonalizers import PowerIterationState, orthogonalize
 from zojax.perturbations import DISTRIBUTIONS, sample_direction
 from zojax.precision import (
@@ -47,6 +51,10 @@ from zojax.subspaces import SubspaceState, coordinate_dimension_numbers, subspac
 __version__ = "0.1.0"
 
 __all__ = [
+  "array_leaves",
+  "check_array_leaves",
+  "equinox_dimension_numbers",
+  "layouts",
   "BlockCoordinateState",
   "DISTRIBUTIONS",
   "ESTIMATORS",

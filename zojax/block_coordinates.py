@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zojax import array_leaves, perturb_at_use
 from zojax import keys as keys_lib
-from zojax import perturb_at_use
 
 ORDERS = ("random", "ascending", "descending")
 
@@ -207,6 +207,7 @@ def top_level_blocks(
 
 def _resolve_blocks(blocks: Blocks, params) -> tuple[list[Any], int]:
   """One block spec per leaf (an int, ``-1`` for frozen, or `StackedBlocks`) and the count."""
+  array_leaves.check_array_leaves(params)
   if blocks is None:
     tree = top_level_blocks(params)
   else:

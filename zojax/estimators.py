@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zojax import array_leaves, perturb_at_use, perturbations
 from zojax import keys as keys_lib
-from zojax import perturb_at_use, perturbations
 
 ESTIMATORS = ("two_sided", "one_sided")
 
@@ -377,7 +377,7 @@ def zo_grad(
   key = keys_lib.as_key(seed)
 
   def init_fn(params):
-    del params
+    array_leaves.check_array_leaves(params)
     return ZOGradState(
       count=jnp.zeros([], jnp.int32),
       key=key,
@@ -400,6 +400,7 @@ def zo_grad(
     del updates, extra_args
     if params is None:
       raise ValueError("zo_grad needs params: call update(updates, state, params, ...).")
+    array_leaves.check_array_leaves(params)
     key_t = keys_lib.step_key(state.key, state.count)
     if projected_grads is not None:
       grad, loss, c, finite = _replay(projected_grads, params, key_t, config, value_fn, batch)

@@ -82,8 +82,8 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
+from zojax import array_leaves, ordering, perturb_at_use, perturbations
 from zojax import keys as keys_lib
-from zojax import ordering, perturb_at_use, perturbations
 from zojax import orthogonalizers as orth
 
 SIDES = ("out", "in", "both")
@@ -564,6 +564,7 @@ def subspace(
   orthonormal = basis != "gaussian"
 
   def geometry_of(params):
+    array_leaves.check_array_leaves(params)
     return _Geometry(params, rank, side, dimension_numbers, scale)
 
   def coords_like(geo, params):
