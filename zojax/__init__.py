@@ -14,6 +14,7 @@ from zojax import (
   precision,
   subspaces,
   testing,
+  train_state,
   trajectory,
 )
 from zojax.block_coordinates import (
@@ -47,6 +48,7 @@ from zojax.presets import (
   zo_muon,
 )
 from zojax.subspaces import SubspaceState, coordinate_dimension_numbers, subspace
+from zojax.train_state import ZOTrainState
 
 __version__ = "0.1.0"
 
@@ -92,6 +94,8 @@ __all__ = [
   "subspace",
   "coordinate_dimension_numbers",
   "testing",
+  "train_state",
+  "ZOTrainState",
   "trajectory",
   "zo_grad",
 ]
