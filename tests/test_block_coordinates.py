@@ -330,6 +330,38 @@ def test_top_level_blocks():
     top_level_blocks(jnp.ones(3))
 
 
+def test_top_level_blocks_descend_through_single_entries():
+  layers = [{"w": jnp.ones(2), "b": jnp.ones(1)} for _ in range(3)]
+  ids = top_level_blocks({"model": {"params": {"layers": layers}}})
+  assert [layer["w"] for layer in ids["model"]["params"]["layers"]] == [0, 1, 2]
+  assert [layer["b"] for layer in ids["model"]["params"]["layers"]] == [0, 1, 2]
+  # A single entry that is itself a leaf is where the descent stops.
+  assert top_level_blocks({"params": {"w": jnp.ones(2)}}) == {"params": {"w": 0}}
+  # A single entry named in stacked= (or exclude=) is the level the names refer to.
+  stacked = {"layers": {"w": jnp.ones((3, 2)), "b": jnp.ones((3, 1))}}
+  ids = top_level_blocks(stacked, stacked=["layers"])
+  assert ids["layers"]["w"] == zojax.StackedBlocks(0)
+
+
+def test_default_blocks_of_an_equinox_mlp_are_its_layers():
+  """eqx.nn.MLP's arrays sit under its one field ``layers``: one block per Linear."""
+  import equinox as eqx
+
+  model = eqx.nn.MLP(3, 1, 8, 2, key=jax.random.key(0))
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+  ids = top_level_blocks(params)
+  assert [(layer.weight, layer.bias) for layer in ids.layers] == [(0, 0), (1, 1), (2, 2)]
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+  loss = lambda p: jnp.mean(jax.vmap(eqx.combine(p, static))(x) ** 2)
+  tx = mezo_bcd(1e-2, switch_every=1, order="ascending")
+  state = tx.init(params)
+  assert len(optax.tree_utils.tree_get(state, "BlockCoordinateState").inner_states) == 3
+  for block in range(3):
+    updates, state = tx.update(None, state, params, value_fn=loss)
+    moved = [bool(jnp.any(layer.weight != 0)) for layer in updates.layers]
+    assert moved == [i == block for i in range(3)]
+
+
 def test_inner_state_is_per_block_and_keys_differ():
   params, _, _ = mlp_problem()
   tx = block_coordinate(optax.chain(zojax.zo_grad(seed=0), optax.adam(1e-3)))

@@ -4,16 +4,21 @@ Fine-tune a network from forward passes alone, with the memory of inference.
 """
 
 from zojax import (
+  array_leaves,
   block_coordinates,
   hyperparams,
   keys,
+  layouts,
   orthogonalizers,
   perturb_at_use,
   perturbations,
   precision,
   subspaces,
+  testing,
+  train_state,
   trajectory,
 )
+from zojax.array_leaves import check_array_leaves
 from zojax.block_coordinates import (
   BlockCoordinateState,
   StackedBlocks,
@@ -22,6 +27,7 @@ from zojax.block_coordinates import (
   top_level_blocks,
 )
 from zojax.estimators import ESTIMATORS, ZOGradState, forwards_per_step, zo_grad
+from zojax.layouts import equinox_dimension_numbers
 from zojax.orthogonalizers import PowerIterationState, orthogonalize
 from zojax.perturbations import DISTRIBUTIONS, sample_direction
 from zojax.precision import (
@@ -43,10 +49,15 @@ from zojax.presets import (
   zo_muon,
 )
 from zojax.subspaces import SubspaceState, coordinate_dimension_numbers, subspace
+from zojax.train_state import ZOTrainState
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "array_leaves",
+  "check_array_leaves",
+  "equinox_dimension_numbers",
+  "layouts",
   "BlockCoordinateState",
   "DISTRIBUTIONS",
   "ESTIMATORS",
@@ -84,6 +95,9 @@ __all__ = [
   "orthogonalize",
   "subspace",
   "coordinate_dimension_numbers",
+  "testing",
+  "train_state",
+  "ZOTrainState",
   "trajectory",
   "zo_grad",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zojax import hyperparams, perturb_at_use
+from zojax import array_leaves, hyperparams, perturb_at_use
 from zojax import keys as keys_lib
 
 ORDERS = ("random", "ascending", "descending")
@@ -109,16 +109,38 @@ def _entry_name(entry: Any) -> Any:
   return str(entry)
 
 
+def _split_depth(paths: list[tuple], named: set[str]) -> int:
+  """The first level of ``paths`` with more than one entry (see `top_level_blocks`).
+
+  Descends while every leaf lives under one and the same entry that is not
+  a leaf itself and is not named in ``exclude``/``stacked``.
+  """
+  depth = 0
+  while paths and all(len(path) > depth + 1 for path in paths):
+    first = {_entry_name(path[depth]) for path in paths}
+    if len(first) != 1 or str(next(iter(first))) in named:
+      break
+    depth += 1
+  return depth
+
+
 def top_level_blocks(
   params: optax.Params, exclude: Collection[str] = (), stacked: Collection[str] = ()
 ) -> Any:
   """Block ids with one block per top-level submodule of ``params``.
 
   This is the default rule of `block_coordinate`. The entries of the top
-  level (keys of a dict, items of a list) are numbered in natural order
-  (``layer_2`` before ``layer_10``); every leaf gets the number of the entry
-  it lives under. A tree of the form ``{"params": {...}}`` (Flax variables)
-  is split one level down, at the submodules of ``"params"``.
+  level (keys of a dict, items of a list, fields of a dataclass or Equinox
+  module) are numbered in natural order (``layer_2`` before ``layer_10``);
+  every leaf gets the number of the entry it lives under.
+
+  "Top level" is the first level with more than one entry: while every
+  leaf lives under one single entry (which is not a leaf itself and not
+  named in ``exclude``/``stacked``), the split moves one level down. So
+  ``{"params": {...}}`` (Flax variables) is split at the submodules of
+  ``"params"``, and the arrays of an ``equinox.nn.MLP``, whose only array
+  field is the tuple ``layers``, at its layers. One block for the whole
+  model would make block-coordinate descent plain MeZO.
 
   An entry named in ``stacked`` holds layers stacked on a leading axis (run
   by `jax.lax.scan`): each of its ``n`` layers is a block of its own, so it
@@ -152,6 +174,8 @@ def top_level_blocks(
     >>> top_level_blocks({"embed": jnp.ones(2), "layers": jnp.ones((3, 2))},
     ...                  stacked=["layers"])
     {'embed': 0, 'layers': StackedBlocks(first=1)}
+    >>> top_level_blocks({"model": {"layers": [{"w": jnp.ones(2)}, {"w": jnp.ones(2)}]}})
+    {'model': {'layers': [{'w': 0}, {'w': 1}]}}
   """
   if isinstance(exclude, str):
     exclude = (exclude,)
@@ -160,7 +184,7 @@ def top_level_blocks(
   exclude = {str(name) for name in exclude}
   stacked = {str(name) for name in stacked}
   paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-  depth = 1 if isinstance(params, Mapping) and list(params.keys()) == ["params"] else 0
+  depth = _split_depth([path for path, _ in paths], exclude | stacked)
   names = []
   for path, _ in paths:
     if len(path) <= depth:
@@ -207,6 +231,7 @@ def top_level_blocks(
 
 def _resolve_blocks(blocks: Blocks, params) -> tuple[list[Any], int]:
   """One block spec per leaf (an int, ``-1`` for frozen, or `StackedBlocks`) and the count."""
+  array_leaves.check_array_leaves(params)
   if blocks is None:
     tree = top_level_blocks(params)
   else:
@@ -445,7 +470,16 @@ def block_coordinate(
   at least one leaf, and ``"ascending"`` visits them by id; a negative id
   (use ``-1``) freezes a leaf: it is never perturbed and its update is
   always zero. None means `top_level_blocks`: one block per top-level
-  submodule (descending into ``{"params": ...}``), in natural name order.
+  submodule, in natural name order, where the top level is the first level
+  with more than one entry: a tree whose leaves all live under one entry is
+  split one level further down, repeatedly. So ``{"params": {...}}`` (Flax
+  variables) splits at the submodules of ``"params"``, and the arrays of an
+  ``equinox.nn.MLP`` (``eqx.partition(mlp, eqx.is_inexact_array)[0]``,
+  whose only array field is ``layers``) split at its layers, one block per
+  ``Linear``, instead of one block for the whole model (plain MeZO). A
+  model with several top-level entries is split there even if one of them
+  holds all the layers (e.g. ``embed``, ``blocks``, ``head``): pass
+  ``blocks=`` to split it further.
   For layers stacked on a leading axis and run by `jax.lax.scan`, a leaf's
   id may be `StackedBlocks` ``(first)``: its layer ``j`` is block
   ``first + j`` (``top_level_blocks(params, stacked=["layers"])``).

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zojax import hyperparams, perturb_at_use, perturbations
+from zojax import array_leaves, hyperparams, perturb_at_use, perturbations
 from zojax import keys as keys_lib
 
 ESTIMATORS = ("two_sided", "one_sided")
@@ -392,7 +392,7 @@ def zo_grad(
   key = keys_lib.as_key(seed)
 
   def init_fn(params):
-    del params
+    array_leaves.check_array_leaves(params)
     if static_queries is None:
       raise ValueError(
         "num_queries is traced here (optax.inject_hyperparams inside jax.jit or "
@@ -436,6 +436,7 @@ def zo_grad(
     del updates, extra_args
     if params is None:
       raise ValueError("zo_grad needs params: call update(updates, state, params, ...).")
+    array_leaves.check_array_leaves(params)
     key_t = keys_lib.step_key(state.key, state.count)
     config = config_for(state)
     if projected_grads is not None:

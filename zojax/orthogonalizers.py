@@ -105,6 +105,12 @@ def _is_dim_nums_leaf(x) -> bool:
   return x is None or isinstance(x, MuonDimensionNumbers)
 
 
+def _is_dimension_numbers_tree(x) -> bool:
+  """A pytree of numbers / None, even if callable (an Equinox module is: `zojax.layouts`)."""
+  leaves = jax.tree.leaves(x, is_leaf=_is_dim_nums_leaf)
+  return bool(leaves) and all(_is_dim_nums_leaf(leaf) for leaf in leaves)
+
+
 def _check_dimension_numbers_tree(tree) -> None:
   for leaf in jax.tree.leaves(tree, is_leaf=_is_dim_nums_leaf):
     if not _is_dim_nums_leaf(leaf):
@@ -137,7 +143,7 @@ def resolve_dimension_numbers(dimension_numbers: DimensionNumbers, tree: optax.P
     TypeError: for an entry that is neither None nor a `MuonDimensionNumbers`.
     ValueError: if the pytree's structure is not a prefix of ``tree``'s.
   """
-  if callable(dimension_numbers) and not isinstance(dimension_numbers, MuonDimensionNumbers):
+  if callable(dimension_numbers) and not _is_dimension_numbers_tree(dimension_numbers):
     dimension_numbers = dimension_numbers(tree)
   if dimension_numbers is None:
     return jax.tree.map(default_dimension_numbers, tree)

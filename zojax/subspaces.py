@@ -82,7 +82,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from zojax import hyperparams, ordering, perturb_at_use, perturbations
+from zojax import array_leaves, hyperparams, ordering, perturb_at_use, perturbations
 from zojax import keys as keys_lib
 from zojax import orthogonalizers as orth
 
@@ -606,6 +606,7 @@ def subspace(
   orthonormal = basis != "gaussian"
 
   def geometry_of(params, state=None):
+    array_leaves.check_array_leaves(params)
     if isinstance(rank, int):
       geo = _Geometry(params, rank, side, dimension_numbers, scale)
       if state is not None:
