@@ -1,6 +1,7 @@
 """Tests for zojax.estimators: unbiasedness against jax.grad, keys, guards, errors."""
 
 import itertools
+import warnings
 
 import chex
 import jax
@@ -458,3 +459,46 @@ class ErrorTest(parameterized.TestCase):
   def test_bad_seed(self):
     with pytest.raises(TypeError, match="seed"):
       zojax.zo_grad(seed=1.5)
+
+  def test_loss_with_an_auxiliary_output_says_what_to_do(self):
+    params, loss = quadratic_problem()
+    tx = zojax.zo_grad()
+    with pytest.raises(ValueError, match=r"pair \(loss, aux\).*batch_stats"):
+      tx.update(None, tx.init(params), params, value_fn=lambda q: (loss(q), {"mean": q["v"]}))
+    with pytest.raises(ValueError, match=r"dict.*out\['loss'\]"):
+      tx.update(None, tx.init(params), params, value_fn=lambda q: {"loss": loss(q)})
+
+
+class ParameterDependenceTest(parameterized.TestCase):
+  """A loss that ignores its argument (an NNX value_fn closing over the model) trains nothing."""
+
+  def test_warns_when_the_loss_ignores_the_parameters(self):
+    params, loss = quadratic_problem()
+    frozen = dict(params)  # the loss closes over these, not over its argument
+    tx = optax.chain(zojax.zo_grad(), optax.sgd(0.1))
+    with pytest.warns(UserWarning, match="does not depend on the parameters.*nnx.merge"):
+      updates, state = tx.update(None, tx.init(params), params, value_fn=lambda q: loss(frozen))
+    # What the warning is about: every c_i is exactly 0.
+    np.testing.assert_array_equal(state[0].projected_grads, 0.0)
+
+  def test_warns_when_the_loss_reads_only_masked_out_leaves(self):
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    tx = zojax.zo_grad(mask={"a": True, "b": False})
+    with pytest.warns(UserWarning, match="does not depend"):
+      tx.update(None, tx.init(params), params, value_fn=lambda q: jnp.sum(q["b"] ** 2))
+
+  @parameterized.parameters("plain", "scan", "masked")
+  def test_no_warning_when_the_loss_uses_them(self, kind):
+    params = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    mask = {"a": True, "b": False} if kind == "masked" else None
+
+    def loss(q):
+      if kind == "scan":
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h * w), None), q["b"], q["a"])
+        return jnp.sum(h**2)
+      return jnp.sum(q["a"] ** 2) + jnp.sum(q["b"])
+
+    tx = zojax.zo_grad(mask=mask)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      tx.update(None, tx.init(params), params, value_fn=loss)

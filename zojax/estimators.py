@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend import core as jex_core
 
 from zojax import array_leaves, hyperparams, perturb_at_use, perturbations
 from zojax import keys as keys_lib
@@ -105,11 +106,26 @@ def _resolve_value_fn(loss_fn, value_fn, batch) -> Callable[[Any], jax.Array]:
   return value_fn
 
 
-def _check_value_fn(value_fn, params) -> None:
-  out = jax.eval_shape(value_fn, params)
+def _check_value_fn(value_fn, params, flags=None) -> None:
+  """Trace-time checks of the loss: a float scalar that depends on the perturbed leaves."""
+  closed, out = jax.make_jaxpr(value_fn, return_shape=True)(params)
   leaves = jax.tree.leaves(out)
-  if len(leaves) != 1 or leaves[0].shape != ():
+  if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
     shapes = jax.tree.map(lambda x: x.shape, out)
+    first = jax.tree.leaves(out[0]) if isinstance(out, (tuple, list)) and len(out) == 2 else []
+    if len(first) == 1 and first[0].shape == ():
+      raise ValueError(
+        "value_fn must return the scalar loss alone; it returned a pair (loss, aux) "
+        f"with shapes {shapes}. zojax evaluates the loss at perturbed parameters, so an "
+        "auxiliary output (e.g. Flax batch_stats from mutable=['batch_stats']) would "
+        "come from a perturbed model: return the loss only, and compute what you need "
+        "from an unperturbed forward after the step (see the Flax pages of the docs)."
+      )
+    if isinstance(out, dict):
+      raise ValueError(
+        f"value_fn must return a scalar loss; it returned a dict with shapes {shapes}. "
+        "Return the loss itself (e.g. out['loss'])."
+      )
     raise ValueError(
       f"value_fn must return a scalar loss; it returned shapes {shapes}. "
       "Reduce the loss over the batch (e.g. with .mean())."
@@ -123,6 +139,31 @@ def _check_value_fn(value_fn, params) -> None:
       "noise. Compute the loss in float32 (e.g. cast the logits before the softmax).",
       stacklevel=4,
     )
+  if not _depends_on_inputs(closed.jaxpr, flags):
+    warnings.warn(
+      "The loss does not depend on the parameters zo_grad perturbs: every finite "
+      "difference is 0 and nothing trains. Does value_fn use its argument? (An NNX "
+      "value_fn must rebuild the model from it, nnx.merge(graphdef, params, rest), not "
+      "close over the model; a linen one must call model.apply with it.)",
+      stacklevel=4,
+    )
+
+
+def _depends_on_inputs(jaxpr, flags=None) -> bool:
+  """Whether the jaxpr's output depends on one of its (flagged) inputs.
+
+  A forward pass over the equations; an equation with a dependent input makes
+  all its outputs dependent (sub-jaxprs, e.g. of ``scan``, are not looked
+  into: conservative, it may report a dependence that a branch drops).
+  """
+  invars = list(jaxpr.invars)
+  if flags is not None and len(flags) == len(invars):
+    invars = [v for v, f in zip(invars, flags) if f]
+  dependent = set(invars)
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jex_core.Literal) and v in dependent for v in eqn.invars):
+      dependent.update(eqn.outvars)
+  return any(not isinstance(v, jex_core.Literal) and v in dependent for v in jaxpr.outvars)
 
 
 def _replica_mean(values: jax.Array, axis_name: str | None) -> jax.Array:
@@ -444,7 +485,11 @@ def zo_grad(
     else:
       fn = _resolve_value_fn(loss_fn, value_fn, batch)
       perturbations.perturbable_leaves(params, mask)
-      _check_value_fn(fn if param_map is None else (lambda p: fn(param_map(p))), params)
+      _check_value_fn(
+        fn if param_map is None else (lambda p: fn(param_map(p))),
+        params,
+        perturbations.perturbable_leaves(params, mask),
+      )
       grad, loss, c, finite = _estimate(fn, params, key_t, config, param_map)
     new_state = ZOGradState(
       count=optax.safe_increment(state.count),

@@ -37,9 +37,11 @@ Numerics: every LayerNorm is flax's default, epsilon 1e-6 (models_vit.py calls
 Official checkpoints expect NHWC images scaled to ``[-1, 1]``, i.e.
 ``(pixel - 127.5) / 127.5`` (``vit_jax/input_pipeline.py``).
 
-There is no dropout: the forward pass is deterministic, as a zeroth-order
-estimator needs (both perturbed losses must be the same function of the
-parameters), and the official fine-tuning configs of Ti/S/B set it to zero.
+There is no dropout: the official fine-tuning configs of Ti/S/B set it to
+zero. A zeroth-order estimator could use it only with one dropout mask shared
+by every forward pass of a step (one key per step): both perturbed losses of
+a finite difference must be the same function of the parameters, or the
+masks' noise, divided by 2 eps, swamps the estimate (docs: Flax NNX page).
 """
 
 from __future__ import annotations
