@@ -193,7 +193,7 @@ def test_data_parallel_mezo_zo_muon_zo_mopi_lozo():
 
 
 def test_every_preset_is_checked():
-  helpers = {"matrix_mask", "split_learning_rates"}
+  helpers = {"DEFAULTS", "matrix_mask", "split_learning_rates"}
   checked = [name for group in GROUPS for name in group]
   assert sorted(checked) == sorted(set(zojax.presets.__all__) - helpers)
 
