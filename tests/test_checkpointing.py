@@ -1,6 +1,7 @@
 """Tests for zojax.checkpointing."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -299,3 +300,189 @@ def test_extras_are_saved_and_not_checked(tmp_path):
   with ocp.CheckpointManager(tmp_path) as manager:
     assert checkpointing.metadata(manager, 5)["extras"] == extras
     checkpointing.restore(manager, 5, params, tx.init(params), config=config)
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def _random_problem():
+  """Parameters whose data files are large enough to damage mid-file (random, incompressible)."""
+  params = {"w": jax.random.normal(jax.random.key(1), (64, 32)), "b": jnp.arange(32.0)}
+  return params, zojax.mezo(0.1, num_queries=2)
+
+
+def _data_files(directory, step, item="params"):
+  """The array data files of one item of a step, largest first."""
+  files = [
+    p for p in (directory / str(step) / item).rglob("*") if p.is_file() and p.parent.name == "d"
+  ]
+  assert files, f"no data files under {directory / str(step) / item}"
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def _flip_bytes(path, count=16):
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  for i in range(middle, middle + count):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _metadata_file(directory, step):
+  return directory / str(step) / "zojax" / "metadata"
+
+
+def _corrupted(directory, step, params, state, match):
+  with pytest.raises(checkpointing.CheckpointCorruptedError, match=match) as info:
+    _restore(directory, step, params, state)
+  message = str(info.value)
+  assert f"Checkpoint step {step} in {directory}" in message, message
+  assert info.value.step == step and info.value.directory == str(directory)
+  assert isinstance(info.value, ValueError)
+  return message
+
+
+def test_flipped_bytes_in_an_array_file_are_detected(tmp_path):
+  params, tx = _random_problem()
+  _save(tmp_path, 4, params, tx.init(params))
+  _flip_bytes(_data_files(tmp_path, 4)[0])
+  # Without the digest, orbax returns values near 3e38 here and no error.
+  _corrupted(tmp_path, 4, params, tx.init(params), "arrays differ from the SHA-256 digest")
+
+
+@pytest.mark.parametrize("damage", [_truncate, lambda path: path.unlink()])
+def test_truncated_or_missing_array_files_are_reported(damage, tmp_path):
+  params, tx = _random_problem()
+  _save(tmp_path, 4, params, tx.init(params))
+  for path in _data_files(tmp_path, 4):
+    damage(path)
+  _corrupted(tmp_path, 4, params, tx.init(params), "its arrays cannot be read")
+
+
+@pytest.mark.parametrize("item", ["params", "opt_state"])
+def test_arrays_of_another_checkpoint_are_detected(item, tmp_path):
+  """Same structure, other values: parameters, or a state differing only in its typed key."""
+  params, _ = _random_problem()
+  other = jax.tree.map(lambda x: x + 1, params) if item == "params" else params
+  _save(tmp_path / "a", 4, params, zojax.mezo(0.1, seed=0).init(params))
+  _save(tmp_path / "b", 4, other, zojax.mezo(0.1, seed=1).init(params))
+  shutil.rmtree(tmp_path / "a" / "4" / item)
+  shutil.copytree(tmp_path / "b" / "4" / item, tmp_path / "a" / "4" / item)
+  state = zojax.mezo(0.1, seed=0).init(params)
+  _corrupted(tmp_path / "a", 4, params, state, "arrays differ from the SHA-256 digest")
+
+
+def test_garbage_metadata_names_the_file(tmp_path):
+  params, tx = _random_problem()
+  _save(tmp_path, 4, params, tx.init(params))
+  _metadata_file(tmp_path, 4).write_text("{not json")
+  message = _corrupted(tmp_path, 4, params, tx.init(params), "cannot be read")
+  assert str(_metadata_file(tmp_path, 4)) in message
+  assert "Expecting property name" in message
+  with ocp.CheckpointManager(tmp_path) as manager:
+    with pytest.raises(checkpointing.CheckpointCorruptedError, match="metadata file"):
+      checkpointing.metadata(manager, 4)
+
+
+@pytest.mark.parametrize(
+  "edit",
+  [
+    lambda meta: meta["extras"].update(position=18),  # valid JSON, other content
+    lambda meta: meta["params"][0].update(shape=[64, 33]),  # damage, not a mismatch
+    lambda meta: meta.pop("arrays_sha256"),
+  ],
+)
+def test_edited_metadata_is_detected(edit, tmp_path):
+  params, tx = _random_problem()
+  _save(tmp_path, 4, params, tx.init(params), extras={"position": 17})
+  meta = json.loads(_metadata_file(tmp_path, 4).read_text())
+  edit(meta)
+  _metadata_file(tmp_path, 4).write_text(json.dumps(meta))
+  message = _corrupted(tmp_path, 4, params, tx.init(params), "metadata file")
+  assert str(_metadata_file(tmp_path, 4)) in message
+
+
+def test_checkpoints_without_digests_still_restore(tmp_path):
+  """Format 1 (written before the digests) is read, unverified."""
+  params, tx = _random_problem()
+  _save(tmp_path, 4, params, tx.init(params), extras={"position": 17})
+  meta = json.loads(_metadata_file(tmp_path, 4).read_text())
+  meta = {k: v for k, v in meta.items() if not k.endswith("sha256")}
+  _metadata_file(tmp_path, 4).write_text(json.dumps({**meta, "format": "zojax.checkpointing/1"}))
+  restored, _ = _restore(tmp_path, 4, params, tx.init(params))
+  chex.assert_trees_all_equal(restored, params)
+
+
+def test_an_empty_step_directory_is_incomplete(tmp_path):
+  params, tx = _random_problem()
+  _save(tmp_path, 4, params, tx.init(params))
+  (tmp_path / "6").mkdir()
+  _corrupted(tmp_path, 6, params, tx.init(params), "holds no items")
+
+
+# ----------------------------------------------------------------------------- latest intact
+
+
+def _three_steps(directory):
+  """Steps 1, 2, 3 with parameters params + step."""
+  params, tx = _random_problem()
+  state = tx.init(params)
+  with ocp.CheckpointManager(directory) as manager:
+    for step in (1, 2, 3):
+      checkpointing.save(manager, step, jax.tree.map(lambda x: x + step, params), state)
+  return params, state
+
+
+def test_restore_latest_intact_skips_damaged_steps(tmp_path):
+  params, state = _three_steps(tmp_path)
+  _flip_bytes(_data_files(tmp_path, 3)[0])
+  _metadata_file(tmp_path, 2).write_text("garbage")
+  with ocp.CheckpointManager(tmp_path) as manager:
+    found = checkpointing.restore_latest_intact(manager, params, state)
+  assert found.metadata["step"] == 1
+  chex.assert_trees_all_equal(found.params, jax.tree.map(lambda x: x + 1, params))
+  _assert_identical(found.opt_state, state)
+  assert [step for step, _ in found.skipped] == [3, 2]
+  assert "Checkpoint step 3" in found.skipped[0][1] and "SHA-256" in found.skipped[0][1]
+  assert str(_metadata_file(tmp_path, 2)) in found.skipped[1][1]
+  assert (tmp_path / "3").is_dir() and (tmp_path / "2").is_dir()  # nothing is removed
+
+
+def test_restore_latest_intact_takes_the_latest_when_intact(tmp_path):
+  params, state = _three_steps(tmp_path)
+  found = checkpointing.restore_latest_intact(tmp_path, params, state)
+  assert found.metadata["step"] == 3 and found.skipped == ()
+  chex.assert_trees_all_equal(found.params, jax.tree.map(lambda x: x + 3, params))
+
+
+def test_restore_latest_intact_fails_when_no_step_is_intact(tmp_path):
+  params, state = _three_steps(tmp_path)
+  for step in (1, 2, 3):
+    _truncate(_data_files(tmp_path, step)[0])
+  with pytest.raises(checkpointing.CheckpointCorruptedError, match="No intact checkpoint") as info:
+    checkpointing.restore_latest_intact(tmp_path, params, state)
+  for step in (1, 2, 3):
+    assert f"Checkpoint step {step} in" in str(info.value)
+
+
+def test_restore_latest_intact_stops_at_another_configuration(tmp_path):
+  params, state = _three_steps(tmp_path)
+  _metadata_file(tmp_path, 3).write_text("garbage")
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="at step 2"):
+    checkpointing.restore_latest_intact(tmp_path, params, zojax.zo_muon(0.1).init(params))
+
+
+def test_a_missing_directory_is_reported_and_not_created(tmp_path):
+  params, state = _three_steps(tmp_path / "ckpt")
+  missing = tmp_path / "typo"
+  with pytest.raises(FileNotFoundError, match=f"directory {missing} does not exist"):
+    checkpointing.restore_latest_intact(missing, params, state)
+  options = ocp.CheckpointManagerOptions(create=False)
+  with ocp.CheckpointManager(missing, options=options) as manager:
+    with pytest.raises(FileNotFoundError, match=f"directory {missing} does not exist"):
+      checkpointing.restore(manager, None, params, state)
+  assert not missing.exists()

@@ -383,3 +383,42 @@ def test_data_parallel_over_two_devices_matches_one(model_dir, data_dir, tmp_pat
     results[devices] = np.load(out)
   # The two programs sum the loss in another order: float32 rounding, divided by eps.
   np.testing.assert_allclose(results[2], results[1], rtol=2e-4, atol=2e-5)
+
+
+def test_preset_validation_errors_are_usage_errors(model_dir, data_dir, tmp_path, capsys):
+  log_path = tmp_path / "log.jsonl"
+  argv = _tiny(model_dir, data_dir) + ["--optimizer", "mezo", "--eps", "2", "--log", str(log_path)]
+  _fails(argv, capsys, "--optimizer mezo: eps must lie in (0, 1], got 2")
+  assert not log_path.exists()
+
+
+def _flip_bytes(path, count=16):
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + count):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def test_resume_skips_a_damaged_step_and_the_log_lines_after_its_checkpoint(
+  model_dir, data_dir, tmp_path, capsys
+):
+  common = _tiny(model_dir, data_dir) + ["--optimizer", "mezo", "--eval-every", "2"]
+  ckpt, log_path = tmp_path / "ckpt", tmp_path / "log.jsonl"
+  common += ["--checkpoint-every", "2", "--checkpoint-dir", str(ckpt), "--log", str(log_path)]
+  _run(common + ["--steps", "4"])
+  files = [p for p in (ckpt / "4" / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+  _flip_bytes(max(files, key=lambda p: p.stat().st_size))
+  capsys.readouterr()
+
+  summary, _ = _run(common + ["--steps", "6", "--resume"])
+  err = capsys.readouterr().err
+  assert "Checkpoint step 4 in" in err and "SHA-256" in err, err
+  assert f"kept it as {ckpt / '4.damaged'}; resuming from step 2" in err
+  assert summary["steps"] == 6 and (ckpt / "4.damaged").is_dir()
+  assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 4, 6]
+
+  assert sorted(p.name for p in ckpt.iterdir()) == ["4", "4.damaged", "6"]  # max_to_keep=2
+  for step in ("4", "6"):  # nothing intact left: one error line
+    (ckpt / step / "zojax" / "metadata").write_text("{garbage")
+  err = _fails(common + ["--steps", "8", "--resume"], capsys, "--resume: No intact checkpoint")
+  assert "Checkpoint step 6 in" in err and "Checkpoint step 4 in" in err

@@ -173,3 +173,184 @@ def test_data_parallel_over_four_devices_matches_one(tmp_path):
     timeout=300,
   )
   assert proc.returncode == 2 and "not divisible by the 4 devices" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+  """Fails the test if anything is built or trained (the checks must come first)."""
+
+  def fail(*_, **__):
+    raise AssertionError("training started before the command line was checked")
+
+  monkeypatch.setattr(train, "build_task", fail)
+  monkeypatch.setattr(train, "pretrain_digits", fail)
+
+
+def _usage_error(argv, capsys):
+  code = train.main(argv + ["--quiet"])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert err.startswith("error: ") and "Traceback" not in err, err
+  return err
+
+
+@pytest.mark.parametrize(
+  ("flag", "value", "message"),
+  [
+    ("--num-queries", "0", "--num-queries must be >= 1, got 0"),
+    ("--image-size", "0", "--image-size must be >= 1, got 0"),
+    ("--pretrain-steps", "-5", "--pretrain-steps must be >= 0, got -5"),
+    ("--max-time", "-1", "--max-time must be a positive number, got -1.0"),
+    ("--lr", "nan", "--lr must be a positive number, got nan"),
+    ("--eps", "2", "--optimizer mezo: eps must lie in (0, 1], got 2"),  # the preset's own check
+  ],
+)
+def test_bad_hyperparameters_are_usage_errors(flag, value, message, no_training, capsys):
+  err = _usage_error(["--optimizer", "mezo", flag, value], capsys)
+  assert message in err, err
+
+
+def test_output_paths_are_checked_before_training(tmp_path, no_training, capsys):
+  a_file = tmp_path / "file"
+  a_file.write_text("mine")
+  missing = tmp_path / "missing" / "out"
+  for flag in ("--log", "--json", "--plot"):
+    err = _usage_error([flag, str(missing)], capsys)
+    assert f"{flag} {missing}: the directory {missing.parent} does not exist" in err
+  err = _usage_error(["--checkpoint-dir", str(a_file)], capsys)
+  assert f"--checkpoint-dir {a_file} is a file, not a directory" in err
+  err = _usage_error(["--checkpoint-dir", str(a_file / "ckpt")], capsys)
+  assert f"{a_file} is a file, not a directory" in err
+  err = _usage_error(["--json", str(tmp_path)], capsys)
+  assert "is a directory; give a file name" in err
+  assert a_file.read_text() == "mine" and not missing.parent.exists()
+
+
+def test_pretrained_is_refused_on_digits(tmp_path, no_training, capsys):
+  npz = tmp_path / "vit.npz"
+  np.savez(npz, w=np.zeros(3, np.float32))
+  err = _usage_error(["--pretrained", str(npz)], capsys)
+  assert "--pretrained is for --dataset cifar100" in err
+  err = _usage_error(
+    MICRO + ["--data-dir", str(tmp_path), "--pretrained", str(tmp_path / "x")], capsys
+  )
+  assert f"--pretrained {tmp_path / 'x'} is not a file" in err
+
+
+def _micro_npz(path, edit=None):
+  from examples.vit_cifar100 import model as model_lib
+  from examples.vit_cifar100 import pretrained
+
+  _, params = model_lib.create("micro", 100, 16, key=jax.random.key(0))
+  flat = {k: np.array(v) for k, v in pretrained.flatten(params).items()}
+  if edit is not None:
+    edit(flat)
+  np.savez(path, **flat)
+  return path
+
+
+@pytest.mark.parametrize(
+  ("write", "message"),
+  [
+    (
+      lambda path: path.write_bytes(b"not an npz at all" * 10),
+      "is not a .npz archive of arrays (not a zip file)",
+    ),
+    (
+      lambda path: _micro_npz(path, lambda f: f["embedding/kernel"].__setitem__(0, np.nan)),
+      "embedding/kernel: holds NaN or infinite values",
+    ),
+    (
+      lambda path: _micro_npz(path, lambda f: f.update({"embedding/bias": np.zeros(16, np.int32)})),
+      "embedding/bias: dtype int32, expected floating-point weights",
+    ),
+  ],
+)
+def test_bad_pretrained_checkpoints_are_refused(write, message, mock_cifar, tmp_path, capsys):
+  npz = tmp_path / "vit.npz"
+  write(npz)
+  argv = MICRO + ["--data-dir", mock_cifar, "--optimizer", "mezo", "--steps", "1"]
+  argv += ["--pretrained", str(npz), "--log", str(tmp_path / "log.jsonl")]
+  err = _usage_error(argv, capsys)
+  assert message in err and str(npz) in err and "allow_pickle" not in err, err
+  assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_good_pretrained_checkpoint_is_used(mock_cifar, tmp_path):
+  npz = _micro_npz(tmp_path / "vit.npz")
+  argv = MICRO + ["--data-dir", mock_cifar, "--optimizer", "mezo", "--steps", "1", "--quiet"]
+  summary, _ = _run(argv + ["--pretrained", str(npz)])
+  assert summary["config"]["pretrained"] == str(npz)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _flip_bytes(path, count=16):
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + count):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def _params_data_files(step_dir):
+  files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def _resume_setup(mock_cifar, tmp_path):
+  """Two checkpoints (steps 2 and 4) and a log of evaluations at steps 2 and 4."""
+  common = MICRO + ["--data-dir", mock_cifar, "--optimizer", "mezo", "--quiet"]
+  common += ["--eval-every", "2", "--checkpoint-every", "2"]
+  ckpt, log_path = tmp_path / "ckpt", tmp_path / "log.jsonl"
+  _run(common + ["--steps", "4", "--checkpoint-dir", str(ckpt), "--log", str(log_path)])
+  assert sorted(p.name for p in ckpt.iterdir()) == ["2", "4"]
+  resume = common + ["--steps", "6", "--checkpoint-dir", str(ckpt), "--resume"]
+  return common, ckpt, log_path, resume + ["--log", str(log_path)]
+
+
+def test_resume_falls_back_from_a_damaged_latest_step(mock_cifar, tmp_path, capsys):
+  common, ckpt, log_path, resume = _resume_setup(mock_cifar, tmp_path)
+  _flip_bytes(_params_data_files(ckpt / "4")[0])
+  capsys.readouterr()
+  _, resumed = _run(resume)
+  err = capsys.readouterr().err
+  assert "Checkpoint step 4 in" in err and "SHA-256" in err, err
+  assert f"kept it as {ckpt / '4.damaged'}; resuming from step 2" in err
+  assert "Traceback" not in err
+  assert (ckpt / "4.damaged").is_dir() and (ckpt / "6").is_dir()  # step 4's files are kept
+
+  uninterrupted_log = tmp_path / "uninterrupted.jsonl"
+  _, expected = _run(common + ["--steps", "6", "--log", str(uninterrupted_log)])
+  chex.assert_trees_all_equal(jax.device_get(resumed), jax.device_get(expected))
+  rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+  expected_rows = [json.loads(line) for line in uninterrupted_log.read_text().splitlines()]
+  assert [r["step"] for r in rows] == [2, 4, 6]  # the step-4 row of the first run was dropped
+  assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in expected_rows]
+
+
+def test_resume_after_a_kill_keeps_one_log_line_per_evaluation(mock_cifar, tmp_path):
+  common, ckpt, log_path, resume = _resume_setup(mock_cifar, tmp_path)
+  (ckpt / "4").rename(tmp_path / "never_written")  # killed after logging step 4, before saving it
+  log_path.write_text(log_path.read_text() + '{"step": 5, "forw')  # and mid-line
+  before = log_path.read_text().splitlines()[0]
+  _run(resume)
+  lines = log_path.read_text().splitlines()
+  assert lines[0] == before
+  assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]
+
+
+def test_resume_fails_clearly_when_no_step_is_intact(mock_cifar, tmp_path, capsys):
+  _, ckpt, log_path, resume = _resume_setup(mock_cifar, tmp_path)
+  (ckpt / "2" / "zojax" / "metadata").write_text("{garbage")
+  for step in ("2", "4"):
+    for path in _params_data_files(ckpt / step):
+      path.write_bytes(path.read_bytes()[:10])
+  log_before = log_path.read_text()
+  err = _usage_error(resume, capsys)
+  assert "error: --resume: No intact checkpoint in" in err
+  assert "Checkpoint step 4 in" in err and f"{ckpt / '2' / 'zojax' / 'metadata'}" in err
+  assert sorted(p.name for p in ckpt.iterdir()) == ["2", "4"] and log_path.read_text() == log_before

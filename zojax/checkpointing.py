@@ -20,6 +20,21 @@ ZO-Muon state, nor a rank-8 state into a rank-4 one.
 On disk a step holds three items of an ``args.Composite``: ``"params"`` and
 ``"opt_state"`` (``StandardSave``) and ``"zojax"`` (``JsonSave``).
 
+Integrity. orbax reads back whatever bytes are on disk: a few flipped bytes
+in an array data file restore as garbage (values near 3e38) without a word.
+`save` therefore records two SHA-256 digests in the metadata: one over every
+saved array (key path, dtype, shape and bytes of each leaf of the parameters
+and of the state, typed keys by their key data) and one over the metadata
+itself (signatures, config, extras and the array digest). `metadata` checks
+the second, `restore` the first after reading the arrays; a damaged,
+truncated or incomplete step raises `CheckpointCorruptedError` naming the
+step and the directory, never returns garbage. `restore_latest_intact` falls
+back from a damaged latest step to the newest intact one, for resuming.
+Arrays not fully addressable from this process (multi-host runs) are not
+hashed, and their checkpoints are restored unverified. Checkpoints of the
+previous format (``zojax.checkpointing/1``, without digests) still restore,
+unverified.
+
 Typed keys. orbax-checkpoint 0.12.8 saves typed key arrays (``key<fry>``,
 ``key<rbg>``, ...) itself: it writes their raw key data and records the key
 implementation in the array metadata, and restores a typed key wherever the
@@ -34,9 +49,11 @@ optional dependency (the ``dev`` and ``examples`` extras); use
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -49,20 +66,41 @@ except ImportError as e:  # pragma: no cover - exercised only without orbax
   ) from e
 
 __all__ = [
+  "CheckpointCorruptedError",
   "CheckpointMismatchError",
+  "Restored",
   "metadata",
   "restore",
+  "restore_latest_intact",
   "save",
   "signature",
 ]
 
-FORMAT = "zojax.checkpointing/1"
+FORMAT = "zojax.checkpointing/2"
+_UNVERIFIED_FORMAT = "zojax.checkpointing/1"  # written before the digests; read unverified
 _METADATA_ITEM = "zojax"
+_METADATA_DIGEST = "metadata_sha256"
+_ARRAYS_DIGEST = "arrays_sha256"
+_REQUIRED = ("params", "opt_state", "config", _ARRAYS_DIGEST)
 _MAX_REPORTED = 5
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the templates or config given to `restore`."""
+
+
+class CheckpointCorruptedError(ValueError):
+  """A checkpoint step is damaged or incomplete.
+
+  Its metadata or array files cannot be read, or what was read differs from
+  the SHA-256 digests `save` recorded. The message names the step and the
+  checkpoint directory; ``step`` and ``directory`` hold them.
+  """
+
+  def __init__(self, message: str, *, step: int | None = None, directory: str | None = None):
+    super().__init__(message)
+    self.step = step
+    self.directory = directory
 
 
 # ----------------------------------------------------------------------------- signature
@@ -194,6 +232,45 @@ def _mismatch(what: str, differences: list[str], where: str, hint: str) -> Check
   return CheckpointMismatchError(f"{what} differs from the checkpoint {where}:\n  {lines}\n{hint}")
 
 
+# ----------------------------------------------------------------------------- digests
+
+
+def _is_typed_key(x) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _arrays_digest(trees: Mapping[str, Any]) -> str | None:
+  """SHA-256 over the key path, dtype, shape and bytes of every leaf, in leaf order.
+
+  Typed keys contribute their key data (and their ``key<impl>`` dtype).
+  Leaves are copied to the host one at a time. Returns None if a leaf is not
+  fully addressable from this process (its bytes are not all here).
+  """
+  digest = hashlib.sha256()
+  for name, tree in trees.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if not getattr(leaf, "is_fully_addressable", True):
+        return None
+      if _is_typed_key(leaf):
+        dtype, data = str(leaf.dtype), jax.random.key_data(leaf)
+      else:
+        data = np.asarray(jax.device_get(leaf))
+        dtype = str(data.dtype)
+      data = np.ascontiguousarray(jax.device_get(data))
+      header = json.dumps([name + jax.tree_util.keystr(path), dtype, list(data.shape)])
+      digest.update(header.encode())
+      digest.update(data.tobytes())
+  return digest.hexdigest()
+
+
+def _metadata_digest(meta: Mapping[str, Any]) -> str:
+  """SHA-256 of the canonical JSON of ``meta`` without its own digest."""
+  content = {k: v for k, v in meta.items() if k != _METADATA_DIGEST}
+  text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- save / restore
 
 
@@ -223,9 +300,12 @@ def save(
   """Saves parameters, optimizer state and their metadata as checkpoint ``step``.
 
   The state is saved whole: keys (typed, with their implementation),
-  counters, bases and inner buffers. The save may run in the background, as
-  ``manager`` is configured; call ``manager.wait_until_finished()`` (or
-  ``manager.close()``) before the process exits.
+  counters, bases and inner buffers. The metadata records SHA-256 digests of
+  the arrays and of itself, which `restore` verifies. Computing the array
+  digest copies each leaf to the host once, before the save starts. The
+  save may run in the background, as ``manager`` is configured; call
+  ``manager.wait_until_finished()`` (or ``manager.close()``) before the
+  process exits.
 
   Args:
     manager: an `orbax.checkpoint.CheckpointManager`.
@@ -235,17 +315,18 @@ def save(
     config: optional JSON-able dict of the hyperparameters that built the
       optimizer (learning rate, eps, ...), which the state's structure does
       not show; `restore` checks it when given one.
-    extras: optional JSON-able dict saved alongside and never checked, for
-      what a training program needs to resume besides the optimizer (the
-      data iterator's state, wall time so far, ...); read it back with
-      ``metadata(manager, step)["extras"]``.
+    extras: optional JSON-able dict saved alongside and never checked
+      against anything (only for damage), for what a training program needs
+      to resume besides the optimizer (the data iterator's state, wall time
+      so far, ...); read it back with ``metadata(manager, step)["extras"]``.
 
   Returns:
     Whether a checkpoint was written (False when the manager's save policy,
     e.g. ``save_interval_steps``, skips this step).
 
   Raises:
-    TypeError, ValueError: if ``config`` is not a JSON-serializable dict.
+    TypeError, ValueError: if ``config`` or ``extras`` is not a
+      JSON-serializable dict.
   """
   meta = {
     "format": FORMAT,
@@ -254,6 +335,10 @@ def save(
     "config": _normalized_config(config),
     "extras": _normalized_config(extras),
   }
+  if not manager.should_save(step):
+    return False
+  meta[_ARRAYS_DIGEST] = _arrays_digest({"params": params, "opt_state": opt_state})
+  meta[_METADATA_DIGEST] = _metadata_digest(meta)
   return manager.save(
     step,
     args=ocp.args.Composite(
@@ -266,6 +351,8 @@ def save(
 
 def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   steps = sorted(manager.all_steps())
+  if not steps and not os.path.isdir(manager.directory):
+    raise FileNotFoundError(f"The checkpoint directory {manager.directory} does not exist.")
   if step is None:
     if not steps:
       raise FileNotFoundError(f"No checkpoints in {manager.directory}.")
@@ -277,8 +364,27 @@ def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   return step
 
 
+def _step_path(manager: ocp.CheckpointManager, step: int):
+  name_format = getattr(manager, "_step_name_format", None) or ocp.step.standard_name_format()
+  return ocp.step.build_step_path(manager.directory, name_format, step)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip() or type(error).__name__
+  line = text.splitlines()[0]
+  return line if len(line) <= 300 else line[:300] + "..."
+
+
+def _corrupted(step: int, manager: ocp.CheckpointManager, what: str) -> CheckpointCorruptedError:
+  return CheckpointCorruptedError(
+    f"Checkpoint step {step} in {manager.directory} is damaged or incomplete: {what}",
+    step=step,
+    directory=str(manager.directory),
+  )
+
+
 def metadata(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
-  """The JSON metadata of checkpoint ``step`` (None: the latest).
+  """The JSON metadata of checkpoint ``step`` (None: the latest), verified.
 
   Args:
     manager: an `orbax.checkpoint.CheckpointManager`.
@@ -287,14 +393,20 @@ def metadata(manager: ocp.CheckpointManager, step: int | None = None) -> dict[st
   Returns:
     A dict with ``"format"``, ``"step"``, the signatures ``"params"`` and
     ``"opt_state"`` (see `signature`), the saved ``"config"`` and
-    ``"extras"`` (each None if not given).
+    ``"extras"`` (each None if not given) and the digests.
 
   Raises:
-    FileNotFoundError: if there is no such step (or no checkpoint at all).
+    FileNotFoundError: if there is no such step (or no checkpoint at all, or
+      no such directory).
+    CheckpointCorruptedError: (a ValueError) if the step is empty or its
+      metadata file is missing, not JSON, incomplete, or differs from the
+      digest saved in it.
     ValueError: if the step was not written by `save`.
   """
   manager.wait_until_finished()
   step = _resolve_step(manager, step)
+  step_path = _step_path(manager, step)
+  meta_file = step_path / _METADATA_ITEM / "metadata"
   not_ours = (
     f"Checkpoint step {step} in {manager.directory} was not written by "
     f"zojax.checkpointing.save (format {FORMAT!r})"
@@ -304,10 +416,29 @@ def metadata(manager: ocp.CheckpointManager, step: int | None = None) -> dict[st
       step, args=ocp.args.Composite(**{_METADATA_ITEM: ocp.args.JsonRestore()})
     )
   except KeyError as e:  # orbax: the item is not in the checkpoint
+    if step_path.is_dir() and not any(p.is_dir() for p in step_path.iterdir()):
+      raise _corrupted(step, manager, f"its directory {step_path} holds no items") from e
     raise ValueError(f"{not_ours}: {e}") from e
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+    raise _corrupted(
+      step, manager, f"its metadata file {meta_file} cannot be read ({_first_line(e)})"
+    ) from e
   meta = restored[_METADATA_ITEM]
+  if isinstance(meta, dict) and meta.get("format") == _UNVERIFIED_FORMAT:
+    return {"extras": None, **meta, "step": step}
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise ValueError(f"{not_ours}.")
+  missing = [k for k in (*_REQUIRED, _METADATA_DIGEST) if k not in meta]
+  if missing:
+    raise _corrupted(step, manager, f"its metadata file {meta_file} lacks {', '.join(missing)}")
+  try:
+    intact = meta[_METADATA_DIGEST] == _metadata_digest(meta)
+  except (TypeError, ValueError):
+    intact = False
+  if not intact:
+    raise _corrupted(
+      step, manager, f"its metadata file {meta_file} differs from the digest saved in it"
+    )
   return {"extras": None, **meta, "step": step}
 
 
@@ -325,7 +456,12 @@ def restore(
   and dtypes to restore into: concrete arrays (``params`` and
   ``tx.init(params)`` of the rebuilt optimizer) or `jax.ShapeDtypeStruct`s
   (``jax.eval_shape(tx.init, params)``); their values are not used. The
-  saved signatures, and the config when one is given, are checked first.
+  saved signatures, and the config when one is given, are checked first;
+  the arrays read are then checked against the digest `save` recorded.
+
+  To restore without creating a missing directory, open the manager with
+  ``ocp.CheckpointManagerOptions(create=False)``, or give
+  `restore_latest_intact` the directory itself.
 
   Args:
     manager: an `orbax.checkpoint.CheckpointManager` on the checkpoint
@@ -343,6 +479,9 @@ def restore(
     FileNotFoundError: if there is no such step (or no checkpoint at all).
     CheckpointMismatchError: (a ValueError) if the parameters, the optimizer
       state or the config differ from the checkpoint's.
+    CheckpointCorruptedError: (a ValueError) if the step is damaged or
+      incomplete: its files cannot be read, or what was read differs from
+      the saved digests.
 
   Examples:
     >>> import tempfile
@@ -361,8 +500,12 @@ def restore(
     >>> int(state[0].count)
     1
   """
-  meta = metadata(manager, step)
-  where = f"at step {meta['step']} in {manager.directory}"
+  return _restore_verified(manager, metadata(manager, step), params, opt_state, config)
+
+
+def _restore_verified(manager, meta, params, opt_state, config):
+  step = meta["step"]
+  where = f"at step {step} in {manager.directory}"
   for name, template, hint in (
     ("params", params, "The checkpoint was made for different parameters (model or dtypes)."),
     (
@@ -384,11 +527,116 @@ def restore(
         where,
         "The checkpoint was made by a different optimizer configuration (hyperparameters).",
       )
-  restored = manager.restore(
-    meta["step"],
-    args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(params),
-      opt_state=ocp.args.StandardRestore(opt_state),
-    ),
+  try:
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params),
+        opt_state=ocp.args.StandardRestore(opt_state),
+      ),
+    )
+  except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exceptions on damaged data
+    raise _corrupted(step, manager, f"its arrays cannot be read ({_first_line(e)})") from e
+  params, opt_state = restored["params"], restored["opt_state"]
+  expected = meta.get(_ARRAYS_DIGEST)
+  if expected is not None:
+    actual = _arrays_digest({"params": params, "opt_state": opt_state})
+    if actual is not None and actual != expected:
+      raise _corrupted(
+        step,
+        manager,
+        "its arrays differ from the SHA-256 digest saved with them (damaged data files); "
+        "the values read are not the values saved",
+      )
+  return params, opt_state
+
+
+class Restored(NamedTuple):
+  """What `restore_latest_intact` found.
+
+  Attributes:
+    params: the restored parameters.
+    opt_state: the restored optimizer state.
+    metadata: the step's metadata (see `metadata`): ``"step"``, ``"extras"``, ...
+    skipped: ``(step, reason)`` of each newer step that was damaged or
+      incomplete, newest first; empty when the latest step was intact.
+  """
+
+  params: Any
+  opt_state: Any
+  metadata: dict[str, Any]
+  skipped: tuple[tuple[int, str], ...]
+
+
+def restore_latest_intact(
+  manager: ocp.CheckpointManager | str | os.PathLike,
+  params,
+  opt_state,
+  *,
+  config: Mapping[str, Any] | None = None,
+) -> Restored:
+  """Restores the newest checkpoint step that is intact, for resuming a run.
+
+  Steps are tried newest first; one that is damaged or incomplete
+  (`CheckpointCorruptedError`: unreadable or missing files, data that differ
+  from the saved digests) is skipped and reported in ``skipped``. A step of
+  another configuration (`CheckpointMismatchError`) stops the search: older
+  steps were written by the same run. Nothing on disk is changed.
+
+  Args:
+    manager: an `orbax.checkpoint.CheckpointManager`, or the checkpoint
+      directory, which is then opened without being created.
+    params: template of the parameters (see `restore`).
+    opt_state: template of the optimizer state.
+    config: the hyperparameters of the rebuilt optimizer (see `restore`).
+
+  Returns:
+    A `Restored` of the parameters, state, metadata and the steps skipped.
+
+  Raises:
+    FileNotFoundError: if the directory does not exist or holds no checkpoint.
+    CheckpointCorruptedError: if every step is damaged; the message lists
+      each step and why.
+    CheckpointMismatchError: if the newest readable metadata belongs to
+      another configuration.
+
+  Examples:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp, orbax.checkpoint as ocp, zojax
+    >>> from zojax import checkpointing
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> state = zojax.mezo(learning_rate=1e-2).init(params)
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with ocp.CheckpointManager(directory) as manager:
+    ...     _ = checkpointing.save(manager, 1, params, state)
+    ...     _ = checkpointing.save(manager, 2, params, state)
+    ...   os.remove(os.path.join(directory, "2", "zojax", "metadata"))  # damage step 2
+    ...   found = checkpointing.restore_latest_intact(directory, params, state)
+    >>> found.metadata["step"], [step for step, _ in found.skipped]
+    (1, [2])
+  """
+  if not isinstance(manager, ocp.CheckpointManager):
+    directory = os.fspath(manager)
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"The checkpoint directory {directory} does not exist.")
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(os.path.abspath(directory), options=options) as opened:
+      return restore_latest_intact(opened, params, opt_state, config=config)
+  manager.wait_until_finished()
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    _resolve_step(manager, None)  # raises the FileNotFoundError
+  skipped = []
+  for step in steps:
+    try:
+      meta = metadata(manager, step)
+      params_out, state_out = _restore_verified(manager, meta, params, opt_state, config)
+    except CheckpointCorruptedError as e:
+      skipped.append((step, str(e)))
+      continue
+    return Restored(params_out, state_out, meta, tuple(skipped))
+  reasons = "\n  ".join(reason for _, reason in skipped)
+  raise CheckpointCorruptedError(
+    f"No intact checkpoint in {manager.directory}; every step is damaged:\n  {reasons}",
+    directory=str(manager.directory),
   )
-  return restored["params"], restored["opt_state"]

@@ -278,9 +278,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   g.add_argument("--checkpoint-dir", default=None, help="save orbax checkpoints here.")
   g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints.")
   g.add_argument(
-    "--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir."
+    "--resume",
+    action="store_true",
+    help="continue from the latest intact checkpoint in --checkpoint-dir (damaged newer steps "
+    "are reported and kept aside as <step>.damaged).",
   )
-  g.add_argument("--log", default=None, help="append a JSON line per evaluation to this file.")
+  g.add_argument(
+    "--log",
+    default=None,
+    help="append a JSON line per evaluation to this file (on --resume, lines after the "
+    "restored step are dropped first).",
+  )
   g.add_argument("--json", default=None, help="write the final summary as JSON here.")
   g.add_argument(
     "--plot", default=None, help="write a PNG of accuracy against forwards and time here."
@@ -839,6 +847,44 @@ def _open_manager(directory: str):
   )
 
 
+def set_aside(directory: str, step: int) -> str:
+  """Renames the damaged checkpoint ``step`` to ``<step>.damaged`` (orbax then ignores it).
+
+  The files are kept for inspection, and the step number is free again for
+  the resumed run's own checkpoint. Returns the new path.
+  """
+  source = os.path.join(directory, str(step))
+  target, n = f"{source}.damaged", 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{source}.damaged{n}"
+  os.rename(source, target)
+  return target
+
+
+def trim_log(path: str, saved: dict | None) -> int:
+  """Cuts the JSON-lines log back to what it held when the resumed checkpoint was saved.
+
+  Lines logged after that checkpoint by a killed run would be logged again.
+  ``saved`` (the checkpoint's ``{"path": ..., "bytes": ...}``, or None) says
+  where the log stood; a log at another path, or shorter than recorded, is
+  left alone. The file is replaced atomically. Returns the lines dropped.
+  """
+  if not saved or saved["path"] != os.path.abspath(path) or not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    content = f.read()
+  size = saved["bytes"]
+  if len(content) <= size:
+    return 0
+  tail = content[size:]
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with open(temporary, "wb") as f:
+    f.write(content[:size])
+  os.replace(temporary, path)
+  return tail.count(b"\n") + (not tail.endswith(b"\n"))
+
+
 def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple[dict, Any]:
   """Runs (or resumes) one fine-tuning run; returns its summary and final parameters.
 
@@ -847,21 +893,26 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
       output is written.
     zojax.checkpointing.CheckpointMismatchError: if --resume finds a
       checkpoint of another model, data or optimizer configuration.
+    zojax.checkpointing.CheckpointCorruptedError: if --resume finds no
+      intact checkpoint.
   """
   devices = jax.devices()
   _resolve_defaults(args)
   _check_args(args, len(devices))
-  optimizer = optimizers.make(
-    args.optimizer,
-    args.lr,
-    eps=args.eps,
-    num_queries=args.num_queries,
-    rank=args.rank,
-    refresh_every=args.refresh_every,
-    vector_learning_rate=args.vector_lr,
-    seed=args.seed,
-    low_precision=args.bf16_update,
-  )
+  try:  # the presets check their hyperparameters and name the one at fault
+    optimizer = optimizers.make(
+      args.optimizer,
+      args.lr,
+      eps=args.eps,
+      num_queries=args.num_queries,
+      rank=args.rank,
+      refresh_every=args.refresh_every,
+      vector_learning_rate=args.vector_lr,
+      seed=args.seed,
+      low_precision=args.bf16_update,
+    )
+  except (ValueError, TypeError) as e:
+    raise UsageError(f"--optimizer {args.optimizer}: {e}") from None
   if args.forward_budget is not None and args.forward_budget < optimizer.forwards_per_step:
     raise UsageError(
       f"--forward-budget {args.forward_budget} is smaller than one {args.optimizer} step "
@@ -884,13 +935,13 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
 
     if not os.path.isdir(args.checkpoint_dir):
       raise UsageError(f"--resume: no checkpoint directory {args.checkpoint_dir}")
-    manager = _open_manager(args.checkpoint_dir)
-    if manager.latest_step() is None:
-      raise UsageError(f"--resume: no checkpoint in {args.checkpoint_dir}")
-    meta = checkpointing.metadata(manager)
-    params, opt_state = checkpointing.restore(
-      manager, meta["step"], params_t, state_t, config=config
-    )
+    try:
+      found = checkpointing.restore_latest_intact(
+        args.checkpoint_dir, params_t, state_t, config=config
+      )
+    except FileNotFoundError:
+      raise UsageError(f"--resume: no checkpoint in {args.checkpoint_dir}") from None
+    params, opt_state, meta, damaged = found
     resumed = meta["extras"]
 
   loss_fn = make_loss(setup.config, setup.label_ids)
@@ -917,6 +968,17 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
   opt_state = shardings.replicate(opt_state)
 
   # Everything that can fail has been checked: now outputs may be written.
+  if resumed is not None:
+    for step, reason in damaged:
+      kept = set_aside(args.checkpoint_dir, step)
+      print(
+        f"warning: --resume: {reason}\n  kept it as {kept}; resuming from step {meta['step']}",
+        file=sys.stderr,
+      )
+    if args.log:
+      dropped = trim_log(args.log, resumed.get("log"))
+      if dropped:
+        log(f"dropped {dropped} lines after step {progress_state['step']} from {args.log}")
   if manager is None and args.checkpoint_dir:
     manager = _open_manager(args.checkpoint_dir)
   log_file = open(args.log, "a") if args.log else None  # noqa: SIM115
@@ -931,6 +993,10 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
       "data_position": progress_state["step"] * args.batch_size,
       "accuracy_before": accuracy_before,
       "dev_accuracy_before": dev_before,
+      # Where the log stood, so that a resumed run drops the lines logged after this step.
+      "log": None
+      if log_file is None
+      else {"path": os.path.abspath(args.log), "bytes": os.fstat(log_file.fileno()).st_size},
     }
     checkpointing.save(
       manager, progress_state["step"], params, opt_state, config=config, extras=extras
@@ -1067,9 +1133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except ValueError as e:
-    from zojax.checkpointing import CheckpointMismatchError
+    from zojax.checkpointing import CheckpointCorruptedError, CheckpointMismatchError
 
-    if isinstance(e, CheckpointMismatchError):
+    if isinstance(e, (CheckpointMismatchError, CheckpointCorruptedError)):
       print(f"error: --resume: {e}", file=sys.stderr)
       return 2
     raise

@@ -29,6 +29,7 @@ unexpected or misshapen parameter fails with a `ValueError` that names it.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
@@ -141,14 +142,14 @@ def load_npz(
 
   Raises:
     ValueError: naming every parameter that is missing from the checkpoint,
-      unexpected in it, or of another shape than the model's (both shapes
-      given); or for an unknown config or an image size that is not a
-      multiple of the patch size.
+      unexpected in it, of another shape than the model's (both shapes
+      given), not floating-point or not finite; for a file that is not an
+      ``.npz`` archive of arrays; or for an unknown config or an image size
+      that is not a multiple of the patch size.
   """
   cfg = model_lib.get_config(config)
   expected = flatten(model_lib.param_shapes(cfg, num_classes, image_size, channels=channels))
-  with np.load(path, allow_pickle=False) as archive:
-    found = {name: archive[name] for name in archive.files}
+  found = _read_npz(path)
   dropped = ("head/",) + (("pre_logits/",) if cfg.representation_size is None else ())
 
   params, problems = {}, []
@@ -159,7 +160,11 @@ def load_npz(
       problems.append(f"{name}: missing from the checkpoint (model expects {tuple(spec.shape)})")
     else:
       value = _fit(name, found[name], tuple(spec.shape), problems)
-      if value is not None:
+      if value is not None and not np.issubdtype(value.dtype, np.floating):
+        problems.append(f"{name}: dtype {value.dtype}, expected floating-point weights")
+      elif value is not None and not np.all(np.isfinite(value)):
+        problems.append(f"{name}: holds NaN or infinite values")
+      elif value is not None:
         params[name] = value.astype(spec.dtype)
   for name in sorted(found.keys() - expected.keys()):
     if not name.startswith(dropped):
@@ -173,6 +178,27 @@ def load_npz(
       + "\n  ".join(problems)
     )
   return jax.tree.map(jnp.asarray, unflatten(params))
+
+
+def _read_npz(path) -> dict[str, np.ndarray]:
+  """The named arrays of an ``.npz`` file; ValueError naming ``path`` if it is not one.
+
+  numpy's own message for a file that is not ``.npy``/``.npz`` speaks of
+  ``allow_pickle``, which misleads: say what the file is instead.
+  """
+  if isinstance(path, (str, os.PathLike)):
+    with open(path, "rb") as f:
+      magic = f.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+      raise ValueError(f"{path} is a single .npy array, not a .npz archive of named arrays")
+    if not magic.startswith(b"PK"):
+      raise ValueError(f"{path} is not a .npz archive of arrays (not a zip file)")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      return {name: archive[name] for name in archive.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    reason = "it holds object arrays, which are not loaded" if "pickle" in str(e) else str(e)
+    raise ValueError(f"{path} is not a readable .npz archive of arrays ({reason})") from None
 
 
 def save_npz(path: str | os.PathLike | BinaryIO, params: Mapping[str, Any]) -> None:

@@ -145,20 +145,62 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--model", default=None, help="ViT config (default: digits / B/16).")
   p.add_argument("--image-size", type=int, default=None, help="input resolution.")
   p.add_argument(
-    "--pretrained", default=None, help="official ViT .npz checkpoint to start from (cifar100)."
+    "--pretrained",
+    default=None,
+    help="official ViT .npz checkpoint to start from (cifar100 only: digits pretrains itself).",
   )
   p.add_argument("--data-dir", default=None, help="tfds data directory holding cifar100.")
   p.add_argument("--pretrain-steps", type=int, default=600, help="digits: Adam steps on 0-4.")
   p.add_argument("--checkpoint-dir", default=None, help="save orbax checkpoints here.")
   p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints.")
   p.add_argument(
-    "--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir."
+    "--resume",
+    action="store_true",
+    help="continue from the latest intact checkpoint in --checkpoint-dir (damaged newer steps "
+    "are reported and kept aside as <step>.damaged).",
   )
-  p.add_argument("--log", default=None, help="write a JSON-lines log of evaluations here.")
+  p.add_argument(
+    "--log",
+    default=None,
+    help="append a JSON line per evaluation here (on --resume, lines after the restored step "
+    "are dropped first).",
+  )
   p.add_argument("--plot", default=None, help="write a PNG of test accuracy here.")
   p.add_argument("--json", default=None, help="write the final summary as JSON here.")
   p.add_argument("--quiet", action="store_true", help="no progress bar and no printed summary.")
   return p.parse_args(argv)
+
+
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def _check_output_file(flag: str, path: str | None) -> None:
+  """``path`` can be written: not a directory, in an existing writable directory."""
+  if path is None:
+    return
+  if os.path.isdir(path):
+    raise UsageError(f"{flag} {path} is a directory; give a file name")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise UsageError(f"{flag} {path}: the directory {folder} does not exist")
+  if not os.access(folder, os.W_OK):
+    raise UsageError(f"{flag} {path}: the directory {folder} is not writable")
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise UsageError(f"{flag} {path} is not writable")
+
+
+def _check_output_dir(flag: str, path: str) -> None:
+  """``path`` is a writable directory, or one that can be made under a writable one."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError(f"{flag} {path} is a file, not a directory")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
+  if not os.access(existing, os.W_OK):
+    raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
 def _check_args(args: argparse.Namespace, num_devices: int) -> None:
@@ -167,9 +209,25 @@ def _check_args(args: argparse.Namespace, num_devices: int) -> None:
     raise UsageError(
       f"unknown --optimizer {args.optimizer!r}; choose one of: {', '.join(optimizers.NAMES)}"
     )
-  for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
+  positive = ["steps", "batch_size", "eval_every", "checkpoint_every"]
+  optional = ["num_queries", "rank", "refresh_every", "image_size", "forward_budget"]
+  for name in positive + [n for n in optional if getattr(args, n) is not None]:
     if getattr(args, name) < 1:
-      raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+      raise UsageError(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+  if args.pretrain_steps < 0:
+    raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
+  for name in ("lr", "eps", "max_time"):
+    value = getattr(args, name)
+    if value is not None and not (math.isfinite(value) and value > 0):
+      raise UsageError(f"{_flag(name)} must be a positive number, got {value}")
+  if args.pretrained is not None:
+    if args.dataset != "cifar100":
+      raise UsageError(
+        f"--pretrained is for --dataset cifar100; --dataset {args.dataset} pretrains its own "
+        "model (see --pretrain-steps)"
+      )
+    if not os.path.isfile(args.pretrained):
+      raise UsageError(f"--pretrained {args.pretrained} is not a file")
   if args.batch_size % num_devices:
     raise UsageError(
       f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices the "
@@ -179,6 +237,10 @@ def _check_args(args: argparse.Namespace, num_devices: int) -> None:
     raise UsageError("--resume needs --checkpoint-dir")
   if args.dataset == "cifar100" and not args.data_dir:
     raise UsageError("--dataset cifar100 needs --data-dir (see data.py for how to prepare it)")
+  for name in ("log", "json", "plot"):
+    _check_output_file(_flag(name), getattr(args, name))
+  if args.checkpoint_dir:
+    _check_output_dir("--checkpoint-dir", args.checkpoint_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +391,10 @@ def build_task(args, shardings: Shardings, log: Callable[[str], None], *, need_p
     if args.dataset == "digits":
       params, description["pretrain_accuracy"] = pretrain_digits(args, shardings, log)
     elif args.pretrained:
-      params = pretrained_lib.load_npz(args.pretrained, args.model, num_classes, args.image_size)
+      try:
+        params = pretrained_lib.load_npz(args.pretrained, args.model, num_classes, args.image_size)
+      except ValueError as e:
+        raise UsageError(f"--pretrained {e}") from None
     else:
       log("no --pretrained checkpoint: starting from a random initialisation")
       _, params = model_lib.create(
@@ -365,8 +430,10 @@ def run_config(args, optimizer: optimizers.Optimizer) -> dict:
 
 
 def _resolve_defaults(args) -> None:
-  args.model = args.model or DEFAULT_MODEL[args.dataset]
-  args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+  if args.model is None:
+    args.model = DEFAULT_MODEL[args.dataset]
+  if args.image_size is None:
+    args.image_size = DEFAULT_IMAGE_SIZE[args.dataset]
   if args.lr is None and args.optimizer in optimizers.NAMES:
     args.lr = DEFAULT_LR[args.dataset][args.optimizer]
   if args.rank is None:
@@ -393,6 +460,53 @@ def _plot(history: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def set_aside(directory: str, step: int) -> str:
+  """Renames the damaged checkpoint ``step`` to ``<step>.damaged`` (orbax then ignores it).
+
+  The files are kept for inspection, and the step number is free again for
+  the resumed run's own checkpoint. Returns the new path.
+  """
+  source = os.path.join(directory, str(step))
+  target, n = f"{source}.damaged", 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{source}.damaged{n}"
+  os.rename(source, target)
+  return target
+
+
+def trim_log(path: str, saved: dict | None) -> int:
+  """Cuts the JSON-lines log back to what it held when the resumed checkpoint was saved.
+
+  A run killed after its last checkpoint logged evaluations that the resumed
+  run logs again. ``saved`` is the checkpoint's record of the log (its
+  absolute path and size then); the lines after that size go, and nothing
+  else: a log at another path, or one shorter than recorded (not the same
+  file), is left alone. The file is replaced atomically.
+
+  Args:
+    path: the ``--log`` file of the resumed run.
+    saved: ``{"path": ..., "bytes": ...}`` from the checkpoint's extras, or
+      None (no log then, or a checkpoint from before this record).
+
+  Returns:
+    The number of lines dropped.
+  """
+  if not saved or saved["path"] != os.path.abspath(path) or not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    content = f.read()
+  size = saved["bytes"]
+  if len(content) <= size:
+    return 0
+  tail = content[size:]
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with open(temporary, "wb") as f:
+    f.write(content[:size])
+  os.replace(temporary, path)
+  return tail.count(b"\n") + (not tail.endswith(b"\n"))
+
+
 def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple[dict, Any]:
   """Runs (or resumes) one fine-tuning run; returns its summary and final parameters.
 
@@ -401,19 +515,24 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
     data_lib.DataNotPrepared: if CIFAR-100 is not prepared under --data-dir.
     zojax.checkpointing.CheckpointMismatchError: if --resume finds a
       checkpoint of another model or optimizer configuration.
+    zojax.checkpointing.CheckpointCorruptedError: if --resume finds no
+      intact checkpoint.
   """
   devices = jax.devices()
   _resolve_defaults(args)
   _check_args(args, len(devices))
-  optimizer = optimizers.make(
-    args.optimizer,
-    args.lr,
-    eps=args.eps,
-    num_queries=args.num_queries,
-    rank=args.rank,
-    refresh_every=args.refresh_every,
-    seed=args.seed,
-  )
+  try:  # the presets check their hyperparameters and name the one at fault
+    optimizer = optimizers.make(
+      args.optimizer,
+      args.lr,
+      eps=args.eps,
+      num_queries=args.num_queries,
+      rank=args.rank,
+      refresh_every=args.refresh_every,
+      seed=args.seed,
+    )
+  except (ValueError, TypeError) as e:
+    raise UsageError(f"--optimizer {args.optimizer}: {e}") from None
   if args.forward_budget is not None and args.forward_budget < optimizer.forwards_per_step:
     raise UsageError(
       f"--forward-budget {args.forward_budget} is smaller than one {args.optimizer} step "
@@ -432,18 +551,16 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
     if args.resume:
       if not os.path.isdir(args.checkpoint_dir):
         raise UsageError(f"--resume: no checkpoint directory {args.checkpoint_dir}")
-      manager = ocp.CheckpointManager(
-        os.path.abspath(args.checkpoint_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2)
-      )
-      if manager.latest_step() is None:
-        raise UsageError(f"--resume: no checkpoint in {args.checkpoint_dir}")
-      meta = checkpointing.metadata(manager)
       shapes = model_lib.param_shapes(args.model, NUM_CLASSES[args.dataset], args.image_size)
       params_t = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
       state_t = jax.eval_shape(optimizer.tx.init, params_t)
-      params, opt_state = checkpointing.restore(
-        manager, meta["step"], params_t, state_t, config=config
-      )
+      try:
+        found = checkpointing.restore_latest_intact(
+          args.checkpoint_dir, params_t, state_t, config=config
+        )
+      except FileNotFoundError:
+        raise UsageError(f"--resume: no checkpoint in {args.checkpoint_dir}") from None
+      params, opt_state, meta, damaged = found
       resumed = meta["extras"]
 
   task = build_task(args, shardings, log, need_params=resumed is None)
@@ -464,6 +581,17 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
   opt_state = shardings.replicate(opt_state)
 
   # Everything that can fail has been checked: now outputs may be written.
+  if resumed is not None:
+    for step, reason in damaged:
+      kept = set_aside(args.checkpoint_dir, step)
+      print(
+        f"warning: --resume: {reason}\n  kept it as {kept}; resuming from step {meta['step']}",
+        file=sys.stderr,
+      )
+    if args.log:
+      dropped = trim_log(args.log, resumed.get("log"))
+      if dropped:
+        log(f"dropped {dropped} lines after step {progress_state['step']} from {args.log}")
   if manager is None and args.checkpoint_dir:
     import orbax.checkpoint as ocp
 
@@ -481,6 +609,10 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
       "data": data_lib.get_state(iterator),
       "progress": progress_state,
       "accuracy_before": accuracy_before,
+      # Where the log stood, so that a resumed run drops the lines logged after this step.
+      "log": None
+      if log_file is None
+      else {"path": os.path.abspath(args.log), "bytes": os.fstat(log_file.fileno()).st_size},
     }
     checkpointing.save(
       manager, progress_state["step"], params, opt_state, config=config, extras=extras
@@ -600,9 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except ValueError as e:
-    from zojax.checkpointing import CheckpointMismatchError
+    from zojax.checkpointing import CheckpointCorruptedError, CheckpointMismatchError
 
-    if isinstance(e, CheckpointMismatchError):
+    if isinstance(e, (CheckpointMismatchError, CheckpointCorruptedError)):
       print(f"error: --resume: {e}", file=sys.stderr)
       return 2
     raise
