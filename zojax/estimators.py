@@ -30,10 +30,10 @@ EPS_WARN_BELOW = 1e-5
 EPS_HINT = "It is the perturbation scale (MeZO: 1e-3), not a stability constant."
 # Finite differences larger than this are treated like a non-finite loss. A |c_i| of 2^40 ~ 1.1e12
 # means the loss moved by 2.2e9 within eps = 1e-3: a spike or a divergence, not a slope. Below it,
-# the products later transforms form stay finite in float32 (largest value ~2^128): an estimate
-# entry c z has |c z| < 2^64 for any direction entry |z| < 2^24 (Gaussian and Rademacher draws are
-# below 8; a sphere direction reaches sqrt(d) only for d >= 2^48), so Adam's g^2 and ZO-MOPI's
-# M^T M V (sums of r n <= 2^40 such squares, r n = rank x fan-in) cannot overflow.
+# the products later transforms form stay finite in float32 (largest value ~2^128): Adam's g^2,
+# g = c z, for any direction entry |z| < 2^24 (Gaussian and Rademacher entries are below 8; a
+# sphere direction's reach 2^24 only for d >= 2^48); ZO-MOPI's M^T M V, sums of up to r n squares
+# of momentum entries below 2^43 (|z| < 8), for r n = rank x fan-in < 2^42.
 MAX_PROJECTED_GRAD = 2.0**40
 CLIP_HINT = (
   "It is k in |c_i| <= k * RMS(past c); k <= 1 clips typical steps and the running RMS, which is "
