@@ -307,6 +307,186 @@ class NonFiniteGuardTest(chex.TestCase):
     self.assertEqual(int(state.num_nonfinite), 1)
 
 
+def spike_on_one_sign(loss, params, spike):
+  """``loss`` plus ``spike`` where the perturbation raises ``l1.kernel[0, 0]`` above ``params``'.
+
+  Two-sided, exactly one of the pair ``theta +- eps z`` spikes, so
+  ``c = +-spike / (2 eps)`` up to the slope term.
+  """
+  w0 = params["l1"]["kernel"][0, 0]
+  return lambda p: loss(p) + jnp.where(p["l1"]["kernel"][0, 0] > w0, spike, 0.0)
+
+
+class OutlierGuardTest(chex.TestCase):
+  """Finite differences beyond MAX_PROJECTED_GRAD are skipped like a non-finite loss."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(estimator=zojax.ESTIMATORS, spike=[1e20, 1e30])
+  def test_huge_finite_spike_is_skipped(self, estimator, spike):
+    params, loss = mlp_problem()
+    tx = zojax.zo_grad(num_queries=2, estimator=estimator, seed=0)
+    step = self.variant(
+      lambda p, s: tx.update(None, s, p, value_fn=spike_on_one_sign(loss, p, spike))
+    )
+    updates, state = step(params, tx.init(params))
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+    np.testing.assert_array_equal(state.projected_grads, np.zeros(2))
+    self.assertEqual(int(state.num_nonfinite), 1)
+    self.assertEqual(int(state.c_count), 0)
+    chex.assert_tree_all_finite((state.loss, state.c_mean_square))
+
+  def test_bound_is_max_projected_grad(self):
+    # |c| = spike / (2 eps) up to the slope (|c| ~ 1 here): a factor of two
+    # either side of the bound is far outside that.
+    params, loss = mlp_problem()
+    tx = zojax.zo_grad(seed=0)
+    for factor, skipped in [(0.5, 0), (2.0, 1)]:
+      spike = factor * zojax.MAX_PROJECTED_GRAD * 2 * 1e-3
+      _, state = tx.update(
+        None, tx.init(params), params, value_fn=spike_on_one_sign(loss, params, spike)
+      )
+      self.assertEqual(int(state.num_nonfinite), skipped)
+      if not skipped:
+        np.testing.assert_allclose(np.abs(state.projected_grads), spike / 2e-3, rtol=1e-3)
+
+  def test_float64_loss_beyond_float32_range_is_skipped(self):
+    # c = 1e300 / 2e-3 is finite in float64 but inf once stored in float32:
+    # the bound is checked before the cast.
+    params, loss = mlp_problem()
+    with numerics.float64():
+      tx = zojax.zo_grad(seed=0)
+      spiky = spike_on_one_sign(lambda p: loss(p).astype(jnp.float64), params, 1e300)
+      updates, state = tx.update(None, tx.init(params), params, value_fn=spiky)
+    chex.assert_tree_all_finite(updates)
+    self.assertEqual(int(state.num_nonfinite), 1)
+
+  @parameterized.parameters(jnp.inf, jnp.nan, 1e20, 1e30)
+  def test_adam_after_zo_grad_keeps_moving_after_one_bad_step(self, bad):
+    # Before the bound, a 1e20 spike made g^2 overflow: Adam's nu became inf
+    # and every later update m / sqrt(nu) was exactly 0 (frozen for good).
+    params, loss = mlp_problem()
+    tx = optax.chain(zojax.zo_grad(seed=0), optax.adam(1e-2))
+
+    @jax.jit
+    def step(p, s, spike):
+      updates, s = tx.update(None, s, p, value_fn=spike_on_one_sign(loss, p, spike))
+      return optax.apply_updates(p, updates), s, updates
+
+    p, s = params, tx.init(params)
+    for t, spike in enumerate([0.0, 0.0, bad, 0.0, 0.0, 0.0]):
+      p, s, updates = step(p, s, jnp.float32(spike))
+      chex.assert_tree_all_finite((p, s[1]))
+      if t > 2:  # every coordinate moves on every step after the bad one
+        for leaf in jax.tree.leaves(updates):
+          self.assertTrue(np.all(np.asarray(leaf) != 0))
+    self.assertEqual(int(s[0].num_nonfinite), 1)
+
+
+class ClipTest(chex.TestCase):
+  """clip_c: each c_i clipped to k times the debiased running RMS of the past ones."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_spike_is_clipped_to_k_times_the_running_rms(self):
+    params, loss = mlp_problem()
+    k = 3.0
+    tx = zojax.zo_grad(num_queries=2, seed=0, clip_c=k)
+    step = self.variant(
+      lambda p, s, spike: tx.update(None, s, p, value_fn=spike_on_one_sign(loss, p, spike))
+    )
+    state = tx.init(params)
+    for _ in range(3):
+      _, state = step(params, state, 0.0)
+    before = state
+    updates, state = step(params, state, 100.0)  # c = +-5e4 unclipped
+    bound = k * np.sqrt(np.float32(before.c_mean_square))
+    self.assertLess(bound, 100.0)
+    # Both queries spike on one of their signs: both hit the bound, signs kept.
+    np.testing.assert_allclose(np.abs(state.projected_grads), bound, rtol=1e-6)
+    # The update is the estimate of the clipped c_i (a replay of them). Another
+    # program: sum_i c_i z_i / N may round differently, by a few units of
+    # 6e-8 relative to the terms |c_i z_i| <= bound * 6.
+    replayed, _ = tx.update(None, before, params, projected_grads=state.projected_grads)
+    chex.assert_trees_all_close(updates, replayed, rtol=1e-6, atol=1e-6 * float(bound))
+    self.assertEqual(int(state.num_nonfinite), 0)
+    self.assertEqual(int(state.c_count), 4)
+
+  def test_off_by_default_and_first_step_not_clipped(self):
+    # No clipping by default; with clip_c there is no scale before the first
+    # averaged step, so that step passes unclipped and seeds s^2 = mean c^2.
+    params, loss = mlp_problem()
+    spiky = spike_on_one_sign(loss, params, 100.0)
+    for clip_c in [None, 3.0]:
+      tx = zojax.zo_grad(seed=0, clip_c=clip_c)
+      _, state = tx.update(None, tx.init(params), params, value_fn=spiky)
+      self.assertGreater(float(np.abs(state.projected_grads[0])), 4e4)
+      np.testing.assert_allclose(state.c_mean_square, np.square(state.projected_grads[0]))
+
+  def test_running_mean_square_is_a_debiased_ema_of_averaged_steps(self):
+    # Driven through replay (c_i as given): all-zero rows, like a replayed
+    # skipped step, are not averaged; a live skipped step is not either.
+    params = {"w": jnp.ones(3)}
+    decay = 0.9
+    tx = zojax.zo_grad(num_queries=2, clip_decay=decay, seed=0)
+    rows = np.asarray([[3.0, -1.0], [0.0, 0.0], [0.5, 2.0], [-4.0, 0.0]], np.float32)
+    state = tx.init(params)
+    ema, n = 0.0, 0
+    for row in rows:
+      _, state = tx.update(None, state, params, projected_grads=jnp.asarray(row))
+      if np.any(row != 0):
+        n += 1
+        ema = decay * ema + (1 - decay) * np.mean(row.astype(np.float64) ** 2)
+      np.testing.assert_allclose(state.c_mean_square, ema / (1 - decay**n), rtol=1e-6)
+      self.assertEqual(int(state.c_count), n)
+    _, skipped = tx.update(None, state, params, value_fn=lambda p: jnp.sum(p["w"]) + jnp.inf)
+    self.assertEqual(int(skipped.num_nonfinite), 1)
+    chex.assert_trees_all_equal(
+      (skipped.c_mean_square, skipped.c_count), (state.c_mean_square, state.c_count)
+    )
+
+  def test_one_spike_barely_moves_the_scale(self):
+    # Fed the clipped value, a spike raises s^2 by at most the factor
+    # 1 + w (k^2 - 1) with w the step's weight; the unclipped square would
+    # multiply it by about 1 + w (5e4)^2.
+    params, loss = mlp_problem()
+    k, decay = 3.0, 0.5
+    tx = zojax.zo_grad(seed=0, clip_c=k, clip_decay=decay)
+    step = jax.jit(
+      lambda s, spike: tx.update(None, s, params, value_fn=spike_on_one_sign(loss, params, spike))
+    )
+    state = tx.init(params)
+    for _ in range(20):  # w = (1 - decay) / (1 - decay^n) ~ 0.5 by now
+      _, state = step(state, 0.0)
+    before = float(state.c_mean_square)
+    _, state = step(state, 100.0)
+    weight = (1 - decay) / (1 - decay**21)
+    self.assertLessEqual(float(state.c_mean_square), before * (1 + weight * (k**2 - 1)) * 1.000001)
+
+  def test_clip_c_is_checked_and_injectable(self):
+    for bad in [1.0, 0.5, -3.0, float("nan")]:
+      with pytest.raises(ValueError, match="clip_c"):
+        zojax.zo_grad(clip_c=bad)
+    with pytest.raises(ValueError, match="clip_decay"):
+      zojax.zo_grad(clip_decay=1.0)
+    # Under optax.inject_hyperparams k and the decay are traced arrays.
+    params, loss = mlp_problem()
+    plain = zojax.zo_grad(seed=0, clip_c=3.0, clip_decay=0.9)
+    injected = optax.inject_hyperparams(zojax.zo_grad)(seed=0, clip_c=3.0, clip_decay=0.9)
+    spiky = spike_on_one_sign(loss, params, 100.0)
+
+    def run(tx):
+      state = tx.init(params)
+      step = jax.jit(lambda s, f=loss: tx.update(None, s, params, value_fn=f))
+      for _ in range(2):
+        _, state = step(state)
+      return jax.jit(lambda s: tx.update(None, s, params, value_fn=spiky))(state)
+
+    (u_plain, s_plain), (u_inj, s_inj) = run(plain), run(injected)
+    chex.assert_trees_all_close(u_plain, u_inj, rtol=1e-6)
+    np.testing.assert_allclose(
+      s_plain.projected_grads, s_inj.inner_state.projected_grads, rtol=1e-6
+    )
+
+
 class MaskTest(parameterized.TestCase):
   def test_masked_leaves_get_zero_updates_and_others_unchanged(self):
     params, loss = mlp_problem()

@@ -161,6 +161,23 @@ def test_replay_of_a_skipped_nonfinite_step():
   chex.assert_trees_all_equal(p_rep, p_run)
 
 
+def test_replay_of_a_clipped_run_with_a_skipped_step():
+  # The log holds the c_i as applied (clipped), and replay does not clip
+  # again; skipped steps log zeros, which the running RMS does not average
+  # in either run, so the replayed clipping state matches too.
+  params, loss = _tiny_problem()
+  tx = zojax.mezo(0.01, clip_c=3.0)
+  scales = jnp.ones(8).at[3].set(jnp.nan).at[5].set(1e3)
+  (p_run, s_run), rows = _run_and_record(tx, loss, params, 8, scales)
+  assert int(s_run[0].num_nonfinite) == 1 and int(s_run[0].c_count) == 7
+  assert np.all(np.abs(rows[5]) < 100.0)  # clipped: unclipped it is 1e3 times a normal c
+  p_rep, s_rep = trajectory.replay(tx, params, tx.init(params), trajectory.TrajectoryLog(0, rows))
+  chex.assert_trees_all_equal(p_rep, p_run)
+  chex.assert_trees_all_equal(
+    (s_rep[0].c_mean_square, s_rep[0].c_count), (s_run[0].c_mean_square, s_run[0].c_count)
+  )
+
+
 def test_replay_resumes_from_a_midway_state():
   params, loss = _tiny_problem()
   tx = zojax.mezo(0.05)

@@ -26,7 +26,13 @@ from zojax.block_coordinates import (
   block_coordinate,
   top_level_blocks,
 )
-from zojax.estimators import ESTIMATORS, ZOGradState, forwards_per_step, zo_grad
+from zojax.estimators import (
+  ESTIMATORS,
+  MAX_PROJECTED_GRAD,
+  ZOGradState,
+  forwards_per_step,
+  zo_grad,
+)
 from zojax.layouts import equinox_dimension_numbers
 from zojax.orthogonalizers import PowerIterationState, orthogonalize
 from zojax.perturbations import DISTRIBUTIONS, sample_direction
@@ -61,6 +67,7 @@ __all__ = [
   "BlockCoordinateState",
   "DISTRIBUTIONS",
   "ESTIMATORS",
+  "MAX_PROJECTED_GRAD",
   "ZOGradState",
   "forwards_per_step",
   "hyperparams",

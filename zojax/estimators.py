@@ -28,8 +28,19 @@ ESTIMATORS = ("two_sided", "one_sided")
 EPS_MAX = 1.0
 EPS_WARN_BELOW = 1e-5
 EPS_HINT = "It is the perturbation scale (MeZO: 1e-3), not a stability constant."
+# Finite differences larger than this are treated like a non-finite loss. A |c_i| of 2^40 ~ 1.1e12
+# means the loss moved by 2.2e9 within eps = 1e-3: a spike or a divergence, not a slope. Below it,
+# the products later transforms form stay finite in float32 (largest value ~2^128): Adam's g^2,
+# g = c z, for any direction entry |z| < 2^24 (Gaussian and Rademacher entries are below 8; a
+# sphere direction's reach 2^24 only for d >= 2^48); ZO-MOPI's M^T M V, sums of up to r n squares
+# of momentum entries below 2^43 (|z| < 8), for r n = rank x fan-in < 2^42.
+MAX_PROJECTED_GRAD = 2.0**40
+CLIP_HINT = (
+  "It is k in |c_i| <= k * RMS(past c); k <= 1 clips typical steps and the running RMS, which is "
+  "fed the clipped values, shrinks towards 0. Use 3 to 10."
+)
 
-__all__ = ["ESTIMATORS", "ZOGradState", "zo_grad", "forwards_per_step"]
+__all__ = ["ESTIMATORS", "MAX_PROJECTED_GRAD", "ZOGradState", "zo_grad", "forwards_per_step"]
 
 
 class ZOGradState(NamedTuple):
@@ -45,11 +56,19 @@ class ZOGradState(NamedTuple):
       ``f(theta +- eps z_i)`` for the two-sided one (equal to ``f(theta)`` up
       to O(eps^2)). Lets a training loop log the loss without another
       forward pass.
-    projected_grads: the finite-difference scalars ``c_i`` of the last step,
-      shape ``(num_queries,)``, float32 (zero on a skipped step). With the key
-      they determine the step exactly, so a run can be replayed from them.
-    num_nonfinite: how many steps were skipped because a loss was not
-      finite.
+    projected_grads: the finite-difference scalars ``c_i`` of the last step
+      as applied (after ``clip_c``), shape ``(num_queries,)``, float32 (zero
+      on a skipped step). With the key they determine the step exactly, so a
+      run can be replayed from them.
+    num_nonfinite: how many steps were skipped because a loss or a ``c_i``
+      was not finite or a ``|c_i|`` exceeded `MAX_PROJECTED_GRAD`.
+    c_mean_square: float32 running mean ``s^2`` of the ``c_i^2`` (as
+      applied) over the steps counted by ``c_count``: an exponential moving
+      average with decay ``clip_decay``, debiased like Adam's second moment,
+      so ``sqrt(c_mean_square)`` is the typical ``|c_i|`` of recent steps.
+      0 before the first such step. Kept with clipping off too.
+    c_count: number of steps averaged into ``c_mean_square``: steps that
+      were not skipped and whose ``c_i`` are not all zero.
   """
 
   count: jax.Array
@@ -57,6 +76,8 @@ class ZOGradState(NamedTuple):
   loss: jax.Array
   projected_grads: jax.Array
   num_nonfinite: jax.Array
+  c_mean_square: jax.Array
+  c_count: jax.Array
 
 
 _MISSING = object()
@@ -187,17 +208,19 @@ def _estimate(
   config: _Config,
   param_map: Callable[[Any], Any] | None = None,
 ):
-  """Runs the queries of one step and returns ``(grad, loss, c, finite)``.
+  """Runs the queries of one step and returns ``(loss, c, ok)``.
 
   Two-sided (MeZO/SPSA, arXiv 2305.17333 eq. 2):
     ``c_i = [f(theta + eps z_i) - f(theta - eps z_i)] / (2 eps)``
   One-sided with a shared baseline (ZO-Muon/ZO-MOPI multi-query path):
     ``c_i = [f(theta + eps z_i) - f(theta)] / eps``
-  and in both cases ``g = (1/N) sum_i c_i z_i``. Losses are differenced in
-  their own dtype promoted to at least float32 (so float64 losses are not
-  rounded to float32 before the division by eps amplifies the rounding), and
-  the ``c_i`` and the loss are stored in float32. If any loss is not finite every ``c_i`` is zeroed,
-  so the estimate is exactly zero.
+  (`_combine` turns them into ``g = (1/N) sum_i c_i z_i``). Losses are
+  differenced in their own dtype promoted to at least float32 (so float64
+  losses are not rounded to float32 before the division by eps amplifies the
+  rounding), and the ``c_i`` and the loss are returned in float32. The step
+  is not ``ok`` if a loss or a ``c_i`` is not finite or a ``|c_i|`` exceeds
+  `MAX_PROJECTED_GRAD` (checked before the cast to float32); every ``c_i``
+  is then zeroed, so the estimate is exactly zero.
   """
   num, eps = config.num_queries, config.eps
   dist, mask = config.distribution, config.mask
@@ -254,15 +277,47 @@ def _estimate(
     c = (values - f0) / eps
     loss = f0
     finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(f0)
-  c = jnp.where(finite, c, jnp.zeros_like(c)).astype(jnp.float32)
-  grad = perturbations.combine_directions(
-    params, qkeys, c / num, dist, mask, vectorize=config.vectorize
+  # NaN compares False, so a NaN c_i fails the bound too.
+  ok = finite & jnp.all(jnp.abs(c) <= MAX_PROJECTED_GRAD)
+  c = jnp.where(ok, c, jnp.zeros_like(c)).astype(jnp.float32)
+  return loss.astype(jnp.float32), c, ok
+
+
+def _combine(params, step_key: jax.Array, c: jax.Array, config: _Config):
+  """The estimate ``g = (1/N) sum_i c_i z_i``, the ``z_i`` regenerated from their keys."""
+  num = config.num_queries
+  qkeys = jax.vmap(lambda i: keys_lib.query_key(step_key, i))(jnp.arange(num))
+  return perturbations.combine_directions(
+    params, qkeys, c / num, config.distribution, config.mask, vectorize=config.vectorize
   )
-  return grad, loss.astype(jnp.float32), c, finite
 
 
-def _replay(projected_grads, params, step_key, config: _Config, value_fn, batch):
-  """Rebuilds a step's estimate from its recorded ``c_i`` without any forward pass."""
+def _clip(c: jax.Array, c_mean_square: jax.Array, clip_c) -> jax.Array:
+  """``clip(c_i, -k s, k s)`` with ``k = clip_c`` and ``s^2 = c_mean_square`` (none while 0)."""
+  bound = jnp.where(c_mean_square > 0, clip_c * jnp.sqrt(c_mean_square), jnp.inf)
+  return jnp.clip(c, -bound, bound).astype(jnp.float32)
+
+
+def _update_c_mean_square(c_mean_square, c_count, c, ok, decay):
+  """One debiased EMA step of ``s^2`` towards ``mean_i c_i^2``; see `ZOGradState`.
+
+  With ``n`` the count after the step, ``s^2 <- s^2 + w (mean_i c_i^2 - s^2)`` and
+  ``w = (1 - decay) / (1 - decay^n)``, which equals dividing the plain EMA by
+  ``1 - decay^n``; ``w = 1`` on the first step, so it seeds ``s^2``. Steps that are
+  not ``ok`` or whose ``c_i`` are all zero (a replayed skipped step looks like that)
+  leave ``s^2`` and ``n`` unchanged.
+  """
+  square = jnp.mean(jnp.square(c))
+  observed = ok & (square > 0)
+  count = jnp.where(observed, optax.safe_increment(c_count), c_count)
+  # n = 1 exactly 1 (jnp.power may not return decay^1 == decay bit for bit).
+  weight = jnp.where(count <= 1, 1.0, (1.0 - decay) / (1.0 - decay ** jnp.maximum(count, 1)))
+  mean = jnp.where(observed, c_mean_square + weight * (square - c_mean_square), c_mean_square)
+  return mean.astype(jnp.float32), count
+
+
+def _replay(projected_grads, config: _Config, value_fn, batch):
+  """A recorded step's ``(loss, c, ok)``: NaN, the ``c_i`` as recorded, True."""
   if value_fn is not None or batch is not _MISSING:
     raise ValueError(
       "zo_grad got projected_grads= (replaying a recorded step) together with a loss or "
@@ -274,13 +329,7 @@ def _replay(projected_grads, params, step_key, config: _Config, value_fn, batch)
       f"projected_grads must be a float array of shape ({config.num_queries},) (one scalar "
       f"per query), got dtype {c.dtype} and shape {c.shape}."
     )
-  c = c.astype(jnp.float32)
-  num = config.num_queries
-  qkeys = jax.vmap(lambda i: keys_lib.query_key(step_key, i))(jnp.arange(num))
-  grad = perturbations.combine_directions(
-    params, qkeys, c / num, config.distribution, config.mask, vectorize=config.vectorize
-  )
-  return grad, jnp.full([], jnp.nan, jnp.float32), c, jnp.asarray(True)
+  return jnp.full([], jnp.nan, jnp.float32), c.astype(jnp.float32), jnp.asarray(True)
 
 
 def zo_grad(
@@ -295,6 +344,8 @@ def zo_grad(
   seed: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   perturb_at_use: bool = True,
+  clip_c: float | None = None,
+  clip_decay: float = 0.99,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Zeroth-order (SPSA) gradient estimate from forward passes only.
 
@@ -350,10 +401,52 @@ def zo_grad(
   (memory of one forward pass) or, with ``vectorize=True``, batched with
   `vmap` (faster when memory allows).
 
-  If any loss of a step is not finite, every ``c_i`` is set to zero, the
-  emitted updates are zero, and ``num_nonfinite`` is incremented: one bad
-  batch never turns the parameters into NaN. (Transforms after this one
-  still run on the zero update, e.g. momentum keeps moving.)
+  Skipped steps: if any loss or ``c_i`` of a step is not finite, or any
+  ``|c_i|`` exceeds `MAX_PROJECTED_GRAD` (``2^40``: the loss moved by 2.2e9
+  within ``eps = 1e-3``, a spike rather than a slope, whose square or matrix
+  products would overflow float32 later in the chain), every ``c_i`` is set
+  to zero, the emitted updates are zero, and ``num_nonfinite`` is
+  incremented: one bad batch never turns the parameters or the state of a
+  transform after this one into NaN or inf. Those transforms still run on
+  the zero estimate: momentum (`optax.trace`, `optax.ema`, `optax.adam`)
+  decays and keeps moving the parameters, weight decay still applies.
+
+  Clipping (``clip_c = k``): a finite spike below that bound still gives a
+  step of ``|c_i|`` times the learning rate (a loss jump of 100 on one query
+  makes ``c = 5e4`` at ``eps = 1e-3``). With ``k`` set, each ``c_i`` is
+  clipped to a multiple of the running scale of the past ones:
+
+  .. math::
+
+    \tilde c_{i,t} = \operatorname{clip}(c_{i,t}, -k s_{t-1}, k s_{t-1}),
+    \qquad
+    s_t^2 = s_{t-1}^2 + \frac{1 - \beta}{1 - \beta^{n_t}}
+      \Big(\frac{1}{N}\sum_i \tilde c_{i,t}^2 - s_{t-1}^2\Big),
+
+  with ``beta = clip_decay`` and ``n_t`` the number of steps averaged so far
+  (`ZOGradState.c_count`): a debiased exponential moving average of the
+  clipped squares, over steps that were not skipped and whose ``c_i`` are not
+  all zero (others leave ``s`` and ``n`` unchanged). Fed the clipped values,
+  ``s`` grows by at most a factor ``sqrt(1 + w (k^2 - 1))`` per spike, with
+  ``w = (1 - beta) / (1 - beta^n)`` the step's weight (``1 - beta`` once ``n
+  >> 1 / (1 - beta)``, about ``1 / n`` before), so a single spike is bounded
+  to ``k s`` and moves the scale little. Warm-up: until a first step has been
+  averaged there is no scale and that step is not clipped (it seeds ``s^2 =
+  mean_i c_i^2``, so a spike on the very first step is not bounded); the
+  debiasing then gives the early steps equal weight, so an unluckily small
+  first ``|c|`` is outgrown within a few steps (each may raise ``s^2`` by up
+  to ``k^2`` times its weight). For Gaussian ``c_i`` the scale settles at the
+  fixed point of ``s^2 = E[min(c^2, k^2 s^2)]``: 0.997 of their RMS at ``k =
+  3``, 0.95 at ``k = 2``, 0.3 at ``k = 1.1``, and it shrinks to zero at ``k <=
+  1``. The ``c_i`` are clipped one by one, not the estimate's norm, so with
+  ``N > 1`` one spiking query does not shrink the others. All of it is a few
+  scalar operations on the ``c_i`` inside the step: no gradient-sized work,
+  nothing communicated beyond the averaged losses (every replica computes the
+  same ``c_i`` and the same ``s``), and the same key gives the same clipped
+  steps. The scale is kept in the state with clipping off too. A clip on the
+  norm of the estimate instead is ``optax.clip_by_global_norm(max_norm)``
+  after this transform, with a fixed threshold of the order of ``|c|
+  sqrt(d)``.
 
   Args:
     loss_fn: optional loss ``loss_fn(params, batch) -> scalar`` bound at
@@ -384,14 +477,20 @@ def zo_grad(
       when the weights dominate (language models). Same draws and formula,
       so the estimate equals the up-front one up to float rounding. False
       perturbs the whole tree up front (the behaviour before this option).
+    clip_c: ``k > 1``, clip each ``c_i`` to ``k`` times the running RMS of
+      the past ones (see above; 3 to 10 is a sensible range), or None (the
+      default) for no clipping.
+    clip_decay: ``beta`` in [0, 1), the decay of the running mean of the
+      ``c_i^2`` (0.99: a memory of about 100 steps).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with state `ZOGradState`.
 
   Raises:
-    ValueError: at construction for ``num_queries < 1``, ``eps <= 0`` or an
-      unknown estimator/distribution; at trace time for a missing loss or a
-      loss that is not a scalar.
+    ValueError: at construction for ``num_queries < 1``, ``eps <= 0``,
+      ``clip_c <= 1``, ``clip_decay`` outside [0, 1) or an unknown
+      estimator/distribution; at trace time for a missing loss or a loss
+      that is not a scalar.
     TypeError: at construction for a seed that is neither an integer nor a
       key; at trace time for a non-floating leaf that is not masked out.
 
@@ -415,6 +514,9 @@ def zo_grad(
       "finite differences measure rounding. MeZO uses 1e-3.",
       stacklevel=2,
     )
+  if clip_c is not None:
+    clip_c = hyperparams.real("clip_c", clip_c, low=1.0, low_open=True, hint=CLIP_HINT)
+  clip_decay = hyperparams.real("clip_decay", clip_decay, low=0.0, high=1.0, high_open=True)
   _check_estimator(estimator)
   perturbations.check_distribution(distribution)
   if loss_fn is not None and not callable(loss_fn):
@@ -447,6 +549,8 @@ def zo_grad(
       loss=jnp.full([], jnp.nan, jnp.float32),
       projected_grads=jnp.zeros([static_queries], jnp.float32),
       num_nonfinite=jnp.zeros([], jnp.int32),
+      c_mean_square=jnp.zeros([], jnp.float32),
+      c_count=jnp.zeros([], jnp.int32),
     )
 
   def config_for(state) -> _Config:
@@ -481,7 +585,8 @@ def zo_grad(
     key_t = keys_lib.step_key(state.key, state.count)
     config = config_for(state)
     if projected_grads is not None:
-      grad, loss, c, finite = _replay(projected_grads, params, key_t, config, value_fn, batch)
+      # Recorded c_i are the applied ones (clipped already): not clipped again.
+      loss, c, ok = _replay(projected_grads, config, value_fn, batch)
     else:
       fn = _resolve_value_fn(loss_fn, value_fn, batch)
       perturbations.perturbable_leaves(params, mask)
@@ -490,13 +595,21 @@ def zo_grad(
         params,
         perturbations.perturbable_leaves(params, mask),
       )
-      grad, loss, c, finite = _estimate(fn, params, key_t, config, param_map)
+      loss, c, ok = _estimate(fn, params, key_t, config, param_map)
+      if clip_c is not None:
+        c = _clip(c, state.c_mean_square, clip_c)
+    grad = _combine(params, key_t, c, config)
+    c_mean_square, c_count = _update_c_mean_square(
+      state.c_mean_square, state.c_count, c, ok, clip_decay
+    )
     new_state = ZOGradState(
       count=optax.safe_increment(state.count),
       key=state.key,
       loss=loss,
       projected_grads=c,
-      num_nonfinite=state.num_nonfinite + jnp.where(finite, 0, 1).astype(jnp.int32),
+      num_nonfinite=state.num_nonfinite + jnp.where(ok, 0, 1).astype(jnp.int32),
+      c_mean_square=c_mean_square,
+      c_count=c_count,
     )
     return grad, new_state
 

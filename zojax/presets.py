@@ -77,6 +77,7 @@ def mezo(
   vectorize: bool = False,
   seed: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
+  clip_c: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO: memory-efficient zeroth-order SGD (Malladi et al., arXiv 2305.17333).
 
@@ -115,6 +116,9 @@ def mezo(
 
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
+    clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
+      the running RMS of the past ones, bounding the step a loss spike
+      causes (see `zojax.zo_grad`); None (default): no clipping.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; pass ``value_fn=`` (or
@@ -142,6 +146,7 @@ def mezo(
       vectorize=vectorize,
       seed=seed,
       axis_name=axis_name,
+      clip_c=clip_c,
     ),
     optax.add_decayed_weights(weight_decay, mask=matrix_mask(mask)),
     optax.scale_by_learning_rate(learning_rate),
@@ -200,6 +205,7 @@ def zo_muon(
   vectorize: bool = False,
   seed: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
+  clip_c: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-Muon: subspace zeroth-order gradient, orthogonalized (Lang et al., arXiv 2602.17155).
 
@@ -250,6 +256,9 @@ def zo_muon(
 
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
+    clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
+      the running RMS of the past ones, bounding the step a loss spike
+      causes (see `zojax.zo_grad`); None (default): no clipping.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -266,6 +275,7 @@ def zo_muon(
       vectorize=vectorize,
       seed=seed,
       axis_name=axis_name,
+      clip_c=clip_c,
     ),
     orthogonalize(orthogonalizer, dimension_numbers=coordinate_dimension_numbers),
     split_learning_rates(learning_rate, vector_learning_rate, coordinate_dimension_numbers),
@@ -298,6 +308,7 @@ def zo_mopi(
   vectorize: bool = False,
   seed: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
+  clip_c: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-MOPI: partial orthogonalization by power iteration (Chen & Ma, arXiv 2605.09034).
 
@@ -348,6 +359,9 @@ def zo_mopi(
 
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
+    clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
+      the running RMS of the past ones, bounding the step a loss spike
+      causes (see `zojax.zo_grad`); None (default): no clipping.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -371,6 +385,7 @@ def zo_mopi(
       vectorize=vectorize,
       seed=seed,
       axis_name=axis_name,
+      clip_c=clip_c,
     ),
     optax.ema(beta, debias=False),
     orthogonalize(
@@ -420,6 +435,7 @@ def lozo(
   loss_fn: Callable | None = None,
   seed: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
+  clip_c: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LOZO: low-rank zeroth-order SGD (Chen et al., arXiv 2410.07698).
 
@@ -453,11 +469,14 @@ def lozo(
 
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
+    clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
+      the running RMS of the past ones, bounding the step a loss spike
+      causes (see `zojax.zo_grad`); None (default): no clipping.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
-  inner = zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name)
+  inner = zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name, clip_c=clip_c)
   return _lozo_chain(
     inner, learning_rate, rank, refresh_every, paper_scaling, dimension_numbers, seed
   )
@@ -476,6 +495,7 @@ def lozo_m(
   loss_fn: Callable | None = None,
   seed: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
+  clip_c: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LOZO-M: LOZO with momentum kept in factored form (arXiv 2410.07698).
 
@@ -501,12 +521,15 @@ def lozo_m(
 
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
+    clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
+      the running RMS of the past ones, bounding the step a loss spike
+      causes (see `zojax.zo_grad`); None (default): no clipping.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
   inner = optax.chain(
-    zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name),
+    zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name, clip_c=clip_c),
     optax.ema(hyperparams.real("beta", beta, low=0.0, high=1.0, high_open=True), debias=False),
   )
   return _lozo_chain(
@@ -525,6 +548,7 @@ def subzero(
   loss_fn: Callable | None = None,
   seed: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
+  clip_c: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SubZero: random subspace zeroth-order optimization (Yu et al., arXiv 2410.08989).
 
@@ -555,6 +579,9 @@ def subzero(
 
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
+    clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
+      the running RMS of the past ones, bounding the step a loss spike
+      causes (see `zojax.zo_grad`); None (default): no clipping.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -563,7 +590,7 @@ def subzero(
   return optax.chain(
     subspace(
       optax.chain(
-        zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name),
+        zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name, clip_c=clip_c),
         optax.scale_by_learning_rate(learning_rate),
       ),
       _or_default("subzero", "rank", rank),
@@ -588,6 +615,7 @@ def mezo_bcd(
   seed: keys_lib.KeyLike = 0,
   loss_fn: Callable | None = None,
   axis_name: str | None = None,
+  clip_c: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO-BCD: MeZO-SGD on one block of parameters at a time (arXiv 2501.19099).
 
@@ -645,6 +673,11 @@ def mezo_bcd(
 
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
+    clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
+      the running RMS of the past ones, bounding the step a loss spike
+      causes (see `zojax.zo_grad`); None (default): no clipping. Each
+      block keeps its own estimator state, hence its own running RMS, whose
+      warm-up (no clipping) is the block's first active step.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; pass ``value_fn=`` (or
@@ -673,6 +706,7 @@ def mezo_bcd(
       estimator="two_sided",
       seed=seed,
       axis_name=axis_name,
+      clip_c=clip_c,
     ),
     optax.add_decayed_weights(weight_decay, mask=matrix_mask()),
   )
