@@ -254,3 +254,27 @@ def test_a_state_from_another_configuration_is_refused(name, built, used, messag
   tx = preset(learning_rate=1e-2, **small(name, **used))
   with pytest.raises(ValueError, match=message):
     tx.update(None, state, params, value_fn=loss)
+
+
+# ---------------------------------------------------------------------------
+# Valid inputs that used to be refused.
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_python_float_and_empty_leaves_are_parameters(name):
+  # A Python float is a JAX pytree leaf like any scalar; a 0-size matrix has
+  # nothing to perturb. Neither may break a step, and the float must train.
+  preset = getattr(zojax, name)
+  params = {"w": jnp.linspace(-0.5, 0.5, 9).reshape(3, 3), "s": 0.5, "e": jnp.zeros((0, 3))}
+
+  def loss(p):
+    return jnp.sum((p["w"] @ jnp.ones(3) - 1.0) ** 2) * p["s"] ** 2 + jnp.sum(p["e"])
+
+  kw = small(name)
+  if name == "mezo_bcd":
+    kw["blocks"] = {"w": 0, "s": 1, "e": 0}
+    kw["order"] = "descending"  # the first step trains block 1, the float
+  tx = preset(learning_rate=1e-2, **kw)
+  out, _ = run(tx, params, loss, steps=2)
+  assert out["e"].shape == (0, 3)
+  assert float(out["s"]) != 0.5

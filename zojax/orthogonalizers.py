@@ -94,7 +94,7 @@ def default_dimension_numbers(x: chex.Array) -> MuonDimensionNumbers | None:
   ``ndim > 2``: reduction axes all but the last, output axis the last (e.g. a
   conv ``HWIO`` kernel is viewed as ``(H*W*I, O)``).
   """
-  if x.ndim < 2:
+  if jnp.ndim(x) < 2:
     return None
   if x.ndim == 2:
     return MuonDimensionNumbers(reduction_axis=0, output_axis=1)
@@ -149,11 +149,11 @@ def resolve_dimension_numbers(dimension_numbers: DimensionNumbers, tree: optax.P
     return jax.tree.map(default_dimension_numbers, tree)
   if isinstance(dimension_numbers, MuonDimensionNumbers):
     dn = dimension_numbers
-    return jax.tree.map(lambda x: dn if x.ndim >= 2 else None, tree)
+    return jax.tree.map(lambda x: dn if jnp.ndim(x) >= 2 else None, tree)
   _check_dimension_numbers_tree(dimension_numbers)
 
   def broadcast(dn, subtree):
-    return jax.tree.map(lambda x: dn if dn is not None and x.ndim >= 2 else None, subtree)
+    return jax.tree.map(lambda x: dn if dn is not None and jnp.ndim(x) >= 2 else None, subtree)
 
   try:
     return jax.tree.map(broadcast, dimension_numbers, tree, is_leaf=_is_dim_nums_leaf)

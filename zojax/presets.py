@@ -59,7 +59,7 @@ def matrix_mask(mask: perturbations.Mask = None) -> Callable:
     flags = perturbations.resolve_mask(mask, tree)
     leaves, treedef = jax.tree.flatten(tree)
     return jax.tree.unflatten(
-      treedef, [flag and leaf.ndim >= 2 for flag, leaf in zip(flags, leaves)]
+      treedef, [flag and jnp.ndim(leaf) >= 2 for flag, leaf in zip(flags, leaves)]
     )
 
   return fn

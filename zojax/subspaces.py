@@ -178,8 +178,8 @@ def _num_axes(axes) -> int:
 
 
 def _leaf_spec(path, leaf, dim_nums, rank: int, side: str) -> _LeafSpec | None:
-  if dim_nums is None:
-    return None
+  if dim_nums is None or math.prod(jnp.shape(leaf)) == 0:
+    return None  # not a matrix, or an empty one: nothing to project (full space, size 0)
   view = jax.eval_shape(lambda x: orth.matrix_view(x, dim_nums)[0], leaf)
   batch, fan_in, fan_out = view.shape
   has_batch = jnp.ndim(leaf) > _num_axes(dim_nums.reduction_axis) + _num_axes(dim_nums.output_axis)
@@ -211,7 +211,8 @@ def coordinate_dimension_numbers(coords) -> Any:
     A pytree of `optax.contrib.MuonDimensionNumbers` / None.
   """
   return jax.tree.map(
-    lambda c: MuonDimensionNumbers(c.ndim - 2, c.ndim - 1) if c.ndim >= 2 else None, coords
+    lambda c: MuonDimensionNumbers(jnp.ndim(c) - 2, jnp.ndim(c) - 1) if jnp.ndim(c) >= 2 else None,
+    coords,
   )
 
 
