@@ -65,7 +65,7 @@ def make_bcd(loss):
   """The MeZO-BCD optimizer the tests use: hidden layers as blocks, head frozen."""
   return mezo_bcd(
     LEARNING_RATE,
-    EPS,
+    eps=EPS,
     blocks=lambda p: top_level_blocks(p, exclude=["head"]),
     switch_every=SWITCH_EVERY,
     order="random",
@@ -481,7 +481,7 @@ def test_stacked_step_is_mezo_on_the_active_layer():
   with numerics.float64():
     params, loss, x = stacked_problem()
     params, x = numerics.to_float64((params, x))
-    tx = mezo_bcd(LEARNING_RATE, EPS, blocks=stacked_blocks, switch_every=1, order="ascending")
+    tx = mezo_bcd(LEARNING_RATE, eps=EPS, blocks=stacked_blocks, switch_every=1, order="ascending")
     state = tx.init(params)
     step = jax.jit(lambda p, s: tx.update(None, s, p, value_fn=lambda q: loss(q, x)))
     for t in range(1 + STACK_LAYERS):

@@ -67,9 +67,9 @@ def matrix_mask(mask: perturbations.Mask = None) -> Callable:
 
 def mezo(
   learning_rate: optax.ScalarOrSchedule,
+  *,
   eps: float = 1e-3,
   weight_decay: float = 0.0,
-  *,
   num_queries: int | None = None,
   distribution: str = "gaussian",
   mask: perturbations.Mask = None,
@@ -605,8 +605,8 @@ def subzero(
 
 def mezo_bcd(
   learning_rate: optax.ScalarOrSchedule,
-  eps: float = 1e-3,
   *,
+  eps: float = 1e-3,
   blocks: Blocks = None,
   switch_every: int = 100,
   order: str = "random",

@@ -97,12 +97,12 @@ def _base(
     return optax.adam(learning_rate), 1
   if name == "mezo":
     q = num_queries or 1
-    return zojax.mezo(learning_rate, eps, num_queries=q, seed=seed), 2 * q
+    return zojax.mezo(learning_rate, eps=eps, num_queries=q, seed=seed), 2 * q
   if name == "mezo_bcd":
     q = num_queries or 1
     tx = zojax.mezo_bcd(
       learning_rate,
-      eps,
+      eps=eps,
       blocks=layer_blocks,
       num_queries=q,
       seed=seed,

@@ -130,12 +130,12 @@ def make(
     return Optimizer(name, tx, 1, False)
   if name == "mezo":
     q = num_queries or 1
-    return Optimizer(name, zojax.mezo(learning_rate, eps, num_queries=q, seed=seed), 2 * q, True)
+    return Optimizer(name, zojax.mezo(learning_rate, eps=eps, num_queries=q, seed=seed), 2 * q, True)
   if name == "mezo_bcd":
     q = num_queries or 1
     tx = zojax.mezo_bcd(
       learning_rate,
-      eps,
+      eps=eps,
       blocks=vit_blocks,
       num_queries=q,
       seed=seed,
