@@ -314,11 +314,14 @@ def _resume_setup(mock_cifar, tmp_path):
 
 def test_resume_falls_back_from_a_damaged_latest_step(mock_cifar, tmp_path, capsys):
   common, ckpt, log_path, resume = _resume_setup(mock_cifar, tmp_path)
-  _flip_bytes(_params_data_files(ckpt / "4")[0])
+  # Every params data file is damaged: which of orbax's files holds the arrays
+  # varies between runs (the largest alone was sometimes not read at all).
+  for path in _params_data_files(ckpt / "4"):
+    _flip_bytes(path)
   capsys.readouterr()
   _, resumed = _run(resume)
   err = capsys.readouterr().err
-  assert "Checkpoint step 4 in" in err and "SHA-256" in err, err
+  assert "Checkpoint step 4 in" in err and "is damaged or incomplete" in err, err
   assert f"kept it as {ckpt / '4.damaged'}; resuming from step 2" in err
   assert "Traceback" not in err
   assert (ckpt / "4.damaged").is_dir() and (ckpt / "6").is_dir()  # step 4's files are kept
