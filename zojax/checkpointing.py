@@ -30,8 +30,11 @@ the second, `restore` the first after reading the arrays; a damaged,
 truncated or incomplete step raises `CheckpointCorruptedError` naming the
 step and the directory, never returns garbage. `restore_latest_intact` falls
 back from a damaged latest step to the newest intact one, for resuming.
-Arrays not fully addressable from this process (multi-host runs) are not
-hashed, and their checkpoints are restored unverified. Checkpoints of the
+In a multi-process run, an array replicated on every process (the
+parameters and state of zojax's data parallelism) is hashed from this
+process's copy, which is the whole value; an array split between processes
+is not hashed, and a checkpoint holding one is restored unverified.
+Checkpoints of the
 previous format (``zojax.checkpointing/1``, without digests) still restore,
 unverified.
 
@@ -240,24 +243,35 @@ def _is_typed_key(x) -> bool:
   return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def _local_value(leaf):
+  """The whole value of ``leaf`` as this process holds it, or None if it holds only a part.
+
+  A `jax.Array` on devices of several processes is whole here when it is
+  replicated: any local shard is the full array.
+  """
+  if getattr(leaf, "is_fully_addressable", True):
+    return leaf
+  if leaf.is_fully_replicated:
+    return leaf.addressable_shards[0].data
+  return None
+
+
 def _arrays_digest(trees: Mapping[str, Any]) -> str | None:
   """SHA-256 over the key path, dtype, shape and bytes of every leaf, in leaf order.
 
   Typed keys contribute their key data (and their ``key<impl>`` dtype).
-  Leaves are copied to the host one at a time. Returns None if a leaf is not
-  fully addressable from this process (its bytes are not all here).
+  Leaves are copied to the host one at a time. Returns None if a leaf's
+  bytes are not all on this process (an array split between processes).
   """
   digest = hashlib.sha256()
   for name, tree in trees.items():
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      if not getattr(leaf, "is_fully_addressable", True):
+      dtype = str(leaf.dtype) if _is_typed_key(leaf) else None
+      data = _local_value(jax.random.key_data(leaf) if dtype else leaf)
+      if data is None:
         return None
-      if _is_typed_key(leaf):
-        dtype, data = str(leaf.dtype), jax.random.key_data(leaf)
-      else:
-        data = np.asarray(jax.device_get(leaf))
-        dtype = str(data.dtype)
       data = np.ascontiguousarray(jax.device_get(data))
+      dtype = dtype or str(data.dtype)
       header = json.dumps([name + jax.tree_util.keystr(path), dtype, list(data.shape)])
       digest.update(header.encode())
       digest.update(data.tobytes())
