@@ -57,7 +57,7 @@ def launch(
   num_processes: int,
   *,
   timeout: float,
-  env: dict[str, str] | None = None,
+  env: dict[str, str] | Callable[[int], dict[str, str]] | None = None,
   cwd: str | None = None,
 ) -> list[Finished]:
   """Runs ``command(i)`` for each process ``i`` at once and waits for all of them.
@@ -71,7 +71,8 @@ def launch(
     command: the argv of process ``i``.
     num_processes: how many processes to start.
     timeout: seconds for all of them together.
-    env: their environment (None: this process's).
+    env: their environment (None: this process's), or a function giving
+      process ``i``'s.
     cwd: their working directory.
 
   Returns:
@@ -86,7 +87,8 @@ def launch(
         out = open(os.path.join(tmp, f"{i}.out"), "w+")  # noqa: SIM115
         err = open(os.path.join(tmp, f"{i}.err"), "w+")  # noqa: SIM115
         files.append((out, err))
-        procs.append(subprocess.Popen(list(command(i)), stdout=out, stderr=err, env=env, cwd=cwd))
+        env_i = env(i) if callable(env) else env
+        procs.append(subprocess.Popen(list(command(i)), stdout=out, stderr=err, env=env_i, cwd=cwd))
       deadline = time.monotonic() + timeout
       timed_out = False
       while any(p.poll() is None for p in procs):

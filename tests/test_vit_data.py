@@ -213,6 +213,35 @@ def test_augmentation_is_redrawn_every_epoch():
     np.testing.assert_allclose(image, source.images[label] / 127.5 - 1.0, atol=1e-6)
 
 
+def test_rows_of_batches_are_those_rows_of_the_whole_batches_and_read_only_them():
+  n, batch = 20, 6
+  source = id_source(n, size=16)
+  kwargs = dict(batch_size=batch, image_size=8, seed=0, crop_padding=4)
+  whole = take(data.make_iterator(data.train_dataset(source, **kwargs)), 7)  # past 2 epochs
+  parts = [(0, 2), (2, 4), (4, 6)]
+  for start, stop in parts:
+    ds = data.train_dataset(source, rows=(start, stop), **kwargs)
+    rows = take(data.make_iterator(ds), 7)
+    expected = [{k: v[start:stop] for k, v in b.items()} for b in whole]
+    assert_batches_equal(rows, expected)
+    for b in rows:
+      assert b["image"].dtype == np.float32 and b["label"].dtype == np.int32
+
+  class Counting(data.ArraySource):
+    reads = 0
+
+    def __getitem__(self, index):
+      Counting.reads += 1
+      return super().__getitem__(index)
+
+  ds = data.train_dataset(Counting(source.images, source.labels), rows=(2, 4), **kwargs)
+  ds[0], ds[5]  # one batch of the first epoch, one of the second
+  assert Counting.reads == 4
+  for bad in [(0, 0), (3, 2), (-1, 2), (0, batch + 1)]:
+    with pytest.raises(ValueError, match="rows must be"):
+      data.train_dataset(source, rows=bad, **kwargs)
+
+
 def test_train_dataset_rejects_a_source_smaller_than_a_batch():
   with pytest.raises(ValueError, match="fewer than a batch"):
     data.train_dataset(id_source(4), batch_size=5, image_size=6, seed=0)

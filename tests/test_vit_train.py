@@ -175,6 +175,83 @@ def test_data_parallel_over_four_devices_matches_one(tmp_path):
   assert proc.returncode == 2 and "not divisible by the 4 devices" in proc.stderr
 
 
+MULTI_PROCESS = textwrap.dedent(
+  """
+  import hashlib, json, sys, numpy as np, tensorflow_datasets as tfds
+  from examples.vit_cifar100 import train
+  argv = json.loads(sys.argv[1])
+  with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+    summary, params = train.train(train.parse_args(argv), lambda *_: None)
+  import jax
+  leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
+  digest = hashlib.sha256(b"".join(x.tobytes() for x in leaves)).hexdigest()
+  np.save(sys.argv[2], np.concatenate([x.ravel() for x in leaves]))
+  print(json.dumps({"digest": digest, "summary": summary}))
+  """
+)
+
+
+def test_two_processes_run_the_example_as_one(tmp_path):
+  from tests import multi_process
+
+  ckpt, log_path, json_path = tmp_path / "ckpt", tmp_path / "log.jsonl", tmp_path / "out.json"
+  base = MICRO + ["--data-dir", str(tmp_path / "tfds"), "--optimizer", "mezo", "--quiet"]
+  argv = base + ["--steps", "3", "--eval-every", "2"]
+  outputs = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"]
+  outputs += ["--log", str(log_path), "--json", str(json_path)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  # Process 0 is told by its flags, process 1 by the environment variables.
+  port = multi_process.free_port()
+  by_flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+  by_env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+  by_env["JAX_PROCESS_ID"] = "1"
+
+  def command(i):
+    flags_i = by_flags if i == 0 else []
+    out = str(tmp_path / f"params{i}.npy")
+    return [sys.executable, "-c", MULTI_PROCESS, json.dumps(argv + outputs + flags_i), out]
+
+  results = multi_process.launch(
+    command, 2, timeout=240, env=lambda i: env if i == 0 else dict(env, **by_env), cwd=root
+  )
+  assert all(r.returncode == 0 for r in results), multi_process.report(results)
+  reports = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
+  assert reports[0]["digest"] == reports[1]["digest"]
+  timing = ("train_seconds", "compile_seconds")  # each process's own clock
+  summaries = [{k: v for k, v in r["summary"].items() if k not in timing} for r in reports]
+  assert summaries[0] == summaries[1]  # final loss and accuracy included
+  summary = reports[0]["summary"]
+  assert summary["steps"] == 3 and summary["devices"] == 4 and summary["processes"] == 2
+  # Process 0 alone wrote the log (one line per evaluation) and the summary.
+  assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 3]
+  assert json.loads(json_path.read_text()) == summary
+  assert sorted(p.name for p in ckpt.iterdir()) == ["2", "3"]
+
+  # The same run in one process (4 devices): the same result up to float32
+  # rounding, as in test_data_parallel_over_four_devices_matches_one.
+  proc = subprocess.run(
+    [sys.executable, "-c", MULTI_PROCESS, json.dumps(argv), str(tmp_path / "one.npy")],
+    env=dict(env, XLA_FLAGS=flags.replace("count=2", "count=4")),
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+  assert proc.returncode == 0, proc.stderr
+  one = np.load(tmp_path / "one.npy")
+  np.testing.assert_array_equal(
+    np.load(tmp_path / "params1.npy"), np.load(tmp_path / "params0.npy")
+  )
+  np.testing.assert_allclose(np.load(tmp_path / "params0.npy"), one, rtol=2e-4, atol=2e-5)
+
+  # The 2-process checkpoint resumes in this single process.
+  with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+    resumed, _ = _run(base + ["--steps", "4", "--checkpoint-dir", str(ckpt), "--resume"])
+  assert resumed["steps"] == 4 and resumed["processes"] == 1
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -210,6 +287,47 @@ def _usage_error(argv, capsys):
 )
 def test_bad_hyperparameters_are_usage_errors(flag, value, message, no_training, capsys):
   err = _usage_error(["--optimizer", "mezo", flag, value], capsys)
+  assert message in err, err
+
+
+@pytest.mark.parametrize(
+  ("argv", "environ", "message"),
+  [
+    (["--num-processes", "0"], {}, "--num-processes must be >= 1, got 0"),
+    (
+      ["--num-processes", "2", "--process-id", "2", "--coordinator", "127.0.0.1:1234"],
+      {},
+      "--process-id must be between 0 and 1, got 2",
+    ),
+    (["--num-processes", "2", "--process-id", "0"], {}, "needs --coordinator HOST:PORT"),
+    (["--num-processes", "2", "--coordinator", "h:1"], {}, "needs this process's --process-id"),
+    (
+      ["--num-processes", "2", "--process-id", "0", "--coordinator", "h:99999"],
+      {},
+      "--coordinator must be HOST:PORT with a port in 1-65535, got 'h:99999'",
+    ),
+    (["--process-id", "1"], {}, "--process-id is for multi-process runs; give --num-processes"),
+    ([], {"JAX_NUM_PROCESSES": "two"}, "$JAX_NUM_PROCESSES must be an integer, got 'two'"),
+    (
+      [],
+      {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "5", "JAX_COORDINATOR_ADDRESS": "h:1"},
+      "$JAX_PROCESS_ID must be between 0 and 1, got 5",
+    ),
+    (  # flags win over the environment
+      ["--process-id", "3"],
+      {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": "h:1"},
+      "--process-id must be between 0 and 1, got 3",
+    ),
+  ],
+)
+def test_bad_multi_process_settings_are_usage_errors(
+  argv, environ, message, no_training, capsys, monkeypatch
+):
+  for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in environ.items():
+    monkeypatch.setenv(name, value)
+  err = _usage_error(argv, capsys)
   assert message in err, err
 
 

@@ -338,6 +338,33 @@ def _seeds(seed: int) -> tuple[int, int]:
   return int(shuffle_seed), int(augment_seed)
 
 
+class _BatchRows(grain.MapDataset):
+  """Rows ``start:stop`` of each batch of ``parent.batch(batch_size, drop_remainder=True)``.
+
+  Indexed as grain's batching is (epoch ``e`` of the parent holds its
+  elements ``e * len(parent) ...``), but only the elements of those rows are
+  read from the parent, so a process prepares only its part of a batch.
+  """
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, start: int, stop: int):
+    super().__init__(parent)
+    self._batch_size, self._start, self._stop = batch_size, start, stop
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._batch_size
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, index_in_epoch = divmod(index, len(self))
+    first = epoch * len(self._parent) + index_in_epoch * self._batch_size
+    examples = [self._parent[first + r] for r in range(self._start, self._stop)]
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+  def __str__(self) -> str:
+    return f"BatchRows(batch_size={self._batch_size}, rows={self._start}:{self._stop})"
+
+
 def train_dataset(
   source: Sequence[Any],
   *,
@@ -347,6 +374,7 @@ def train_dataset(
   augment: bool = True,
   crop_padding: int = CIFAR100_PADDING,
   num_epochs: int | None = None,
+  rows: tuple[int, int] | None = None,
 ) -> grain.MapDataset:
   """The training pipeline: per-epoch shuffle, augmentation, resize, normalise, batch.
 
@@ -361,17 +389,25 @@ def train_dataset(
       False keeps the images as they are.
     crop_padding: the padding of the random crop, in source pixels.
     num_epochs: passes over the source; None repeats forever.
+    rows: ``(start, stop)``: only rows ``start:stop`` of every batch, and
+      only those examples are read and transformed (one process's part of
+      a global batch in a multi-process run); they equal the same rows of
+      the whole batch. None: whole batches.
 
   Returns:
     A `grain.MapDataset` of batches ``{"image": float32 (batch_size,
-    image_size, image_size, c) in [-1, 1], "label": int32 (batch_size,)}``;
-    index ``i`` is batch ``i % steps`` of epoch ``i // steps``.
+    image_size, image_size, c) in [-1, 1], "label": int32 (batch_size,)}``
+    (``stop - start`` rows with ``rows``); index ``i`` is batch ``i % steps``
+    of epoch ``i // steps``.
 
   Raises:
-    ValueError: the source has fewer than ``batch_size`` examples.
+    ValueError: the source has fewer than ``batch_size`` examples, or
+      ``rows`` is not a non-empty range within a batch.
   """
   if len(source) < batch_size:
     raise ValueError(f"the source has {len(source)} examples, fewer than a batch of {batch_size}")
+  if rows is not None and not 0 <= rows[0] < rows[1] <= batch_size:
+    raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= {batch_size}: {rows}")
   shuffle_seed, augment_seed = _seeds(seed)
   ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
   if augment:
@@ -379,7 +415,10 @@ def train_dataset(
     ds = ds.random_map(element, seed=augment_seed)
   else:
     ds = ds.map(functools.partial(_eval_element, image_size=image_size))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  if rows is None:
+    ds = ds.batch(batch_size, drop_remainder=True)
+  else:
+    ds = _BatchRows(ds, batch_size, *rows)
   # Indices past the first epoch reach `shuffle` and `random_map` unchanged,
   # so every epoch gets its own permutation and its own crops and flips.
   return ds.repeat(num_epochs)

@@ -20,6 +20,15 @@ of test accuracy against forward passes and wall time, and orbax
 checkpoints from which ``--resume`` continues bit for bit (parameters,
 optimizer state with its keys, and the data iterator's position).
 
+Several processes (hosts, or processes on one machine) run one data-parallel
+job with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or the
+environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID``; flags win): every process runs the same command with its
+own id, reads and prepares only its rows of every global batch, and takes
+part in every step and evaluation. Process 0 alone prints, logs and writes
+the JSON summary and the plot; every process takes part in writing a
+checkpoint (orbax coordinates them; the directory must be shared).
+
 Run ``python -m examples.vit_cifar100.train --help`` for the flags.
 """
 
@@ -168,7 +177,91 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--plot", default=None, help="write a PNG of test accuracy here.")
   p.add_argument("--json", default=None, help="write the final summary as JSON here.")
   p.add_argument("--quiet", action="store_true", help="no progress bar and no printed summary.")
+  p.add_argument(
+    "--coordinator",
+    default=None,
+    help="multi-process runs: HOST:PORT of process 0's coordinator, the same for every process "
+    "(default: $JAX_COORDINATOR_ADDRESS).",
+  )
+  p.add_argument(
+    "--num-processes",
+    type=int,
+    default=None,
+    help="multi-process runs: how many processes take part (default: $JAX_NUM_PROCESSES, else 1).",
+  )
+  p.add_argument(
+    "--process-id",
+    type=int,
+    default=None,
+    help="multi-process runs: this process's id, 0 to N-1; 0 writes the outputs "
+    "(default: $JAX_PROCESS_ID).",
+  )
   return p.parse_args(argv)
+
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed.initialize itself too
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+  """Where this process stands in the run: ``coordinator`` is None for a single process."""
+
+  coordinator: str | None = None
+  count: int = 1
+  index: int = 0
+
+
+def resolve_processes(args: argparse.Namespace, environ=os.environ) -> Processes:
+  """The multi-process settings from the flags, else the environment, checked.
+
+  Raises:
+    UsageError: a value is malformed or out of range, or a multi-process run
+      lacks the coordinator or this process's id.
+  """
+
+  def integer(flag: str, value, variable: str):
+    if value is not None:
+      return value, flag
+    if environ.get(variable, "") == "":
+      return None, flag
+    try:
+      return int(environ[variable]), f"${variable}"
+    except ValueError:
+      raise UsageError(f"${variable} must be an integer, got {environ[variable]!r}") from None
+
+  count, count_from = integer("--num-processes", args.num_processes, ENV_NUM_PROCESSES)
+  index, index_from = integer("--process-id", args.process_id, ENV_PROCESS_ID)
+  coordinator = args.coordinator or environ.get(ENV_COORDINATOR) or None
+  if count is None:
+    given = index_from if index is not None else "--coordinator" if args.coordinator else None
+    if given:
+      raise UsageError(
+        f"{given} is for multi-process runs; give --num-processes (or ${ENV_NUM_PROCESSES}) too"
+      )
+    return Processes()
+  if count < 1:
+    raise UsageError(f"{count_from} must be >= 1, got {count}")
+  if count == 1:
+    if index not in (None, 0):
+      raise UsageError(f"{index_from} {index} is out of range for 1 process")
+    return Processes()
+  if index is None:
+    raise UsageError(
+      f"{count_from} {count} needs this process's --process-id (or ${ENV_PROCESS_ID})"
+    )
+  if not 0 <= index < count:
+    raise UsageError(f"{index_from} must be between 0 and {count - 1}, got {index}")
+  if coordinator is None:
+    raise UsageError(
+      f"{count_from} {count} needs --coordinator HOST:PORT (or ${ENV_COORDINATOR}): the "
+      "address of process 0, the same for every process"
+    )
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UsageError(f"--coordinator must be HOST:PORT with a port in 1-65535, got {coordinator!r}")
+  return Processes(coordinator, count, index)
 
 
 def _flag(name: str) -> str:
@@ -203,8 +296,17 @@ def _check_output_dir(flag: str, path: str) -> None:
     raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
-def _check_args(args: argparse.Namespace, num_devices: int) -> None:
-  """Every check that can fail before anything is computed or written."""
+def _check_args(
+  args: argparse.Namespace, num_devices: int | None, *, writes_outputs: bool = True
+) -> None:
+  """Every check that can fail before anything is computed or written.
+
+  ``num_devices``: the devices the batch is split over (None: not known yet,
+  before a multi-process run is joined; check it then with
+  `_check_batch_size`). ``writes_outputs``: whether this process writes
+  --log, --json and --plot (process 0 of a multi-process run), whose paths
+  are then checked.
+  """
   if args.optimizer not in optimizers.NAMES:
     raise UsageError(
       f"unknown --optimizer {args.optimizer!r}; choose one of: {', '.join(optimizers.NAMES)}"
@@ -228,24 +330,42 @@ def _check_args(args: argparse.Namespace, num_devices: int) -> None:
       )
     if not os.path.isfile(args.pretrained):
       raise UsageError(f"--pretrained {args.pretrained} is not a file")
-  if args.batch_size % num_devices:
-    raise UsageError(
-      f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices the "
-      "batch is sharded over; use a multiple of the device count."
-    )
+  if num_devices is not None:
+    _check_batch_size(args, num_devices)
   if args.resume and not args.checkpoint_dir:
     raise UsageError("--resume needs --checkpoint-dir")
   if args.dataset == "cifar100" and not args.data_dir:
     raise UsageError("--dataset cifar100 needs --data-dir (see data.py for how to prepare it)")
-  for name in ("log", "json", "plot"):
+  for name in ("log", "json", "plot") if writes_outputs else ():
     _check_output_file(_flag(name), getattr(args, name))
   if args.checkpoint_dir:
     _check_output_dir("--checkpoint-dir", args.checkpoint_dir)
 
 
+def _check_batch_size(args: argparse.Namespace, num_devices: int) -> None:
+  if args.batch_size % num_devices:
+    raise UsageError(
+      f"--batch-size {args.batch_size} is not divisible by the {num_devices} devices the "
+      "batch is sharded over; use a multiple of the device count."
+    )
+
+
+def join(processes: Processes) -> None:
+  """Joins a multi-process run (`jax.distributed.initialize`); nothing for a single process.
+
+  Must come before any other JAX call. Returns once every process has joined.
+  """
+  if processes.coordinator is not None:
+    jax.distributed.initialize(processes.coordinator, processes.count, processes.index)
+
+
 @dataclasses.dataclass(frozen=True)
 class Shardings:
-  """Data parallelism over every visible device: batch rows split, the rest replicated."""
+  """Data parallelism over every device of every process: batch rows split, the rest replicated.
+
+  Each process holds the rows of a global batch that its own devices take:
+  ``rows(batch_size)`` of them, the ``process_index``-th equal part.
+  """
 
   mesh: Mesh
 
@@ -257,11 +377,34 @@ class Shardings:
   def batch(self) -> NamedSharding:
     return NamedSharding(self.mesh, P("data"))
 
-  def put_batch(self, batch: dict) -> dict:
-    return {k: jax.device_put(np.asarray(v), self.batch) for k, v in batch.items()}
+  def rows(self, batch_size: int) -> tuple[int, int]:
+    """``(start, stop)``: this process's rows of a global batch of ``batch_size``."""
+    part = batch_size // jax.process_count()
+    return jax.process_index() * part, (jax.process_index() + 1) * part
 
-  def replicate(self, tree):
-    return jax.device_put(tree, self.replicated)
+  def put_batch(self, batch: dict) -> dict:
+    """A global batch from this process's rows of it (all of it when there is one process)."""
+    return {
+      k: jax.make_array_from_process_local_data(self.batch, np.asarray(v)) for k, v in batch.items()
+    }
+
+  def put_global_batch(self, batch: dict) -> dict:
+    """A global batch from the whole of it, which every process holds."""
+    start, stop = self.rows(len(batch["label"]))
+    return self.put_batch({k: v[start:stop] for k, v in batch.items()})
+
+  def replicate(self, params):
+    """Copies of ``params``, the same on every process, on every device.
+
+    For parameters only: in a multi-process run `jax.device_put` checks that
+    every process passes the same value, which fails on NaN (an optimizer
+    state's initial loss) and on typed keys; create a state with `init`.
+    """
+    return jax.device_put(params, self.replicated)
+
+  def init(self, tx: optax.GradientTransformation, params):
+    """``tx.init(params)``, created replicated on every device of every process."""
+    return jax.jit(tx.init, out_shardings=self.replicated)(params)
 
 
 @dataclasses.dataclass
@@ -319,7 +462,7 @@ def accuracy_fn(apply, batches: Callable[[], Iterator[dict]], shardings: Shardin
   def evaluate(params) -> float:
     correct = total = 0
     for batch in batches():
-      pred = np.asarray(predict(params, shardings.put_batch(batch)["image"]))
+      pred = np.asarray(predict(params, shardings.put_global_batch(batch)["image"]))
       real = batch["label"] >= 0
       correct += int(np.sum((pred == batch["label"]) & real))
       total += int(np.sum(real))
@@ -355,12 +498,17 @@ def pretrain_digits(args, shardings: Shardings, log: Callable[[str], None]):
   apply = model_lib.make_logits(model)
   train, test = data_lib.digits_sources(classes=range(PRETRAIN_CLASSES), split_seed=args.seed)
   dataset = data_lib.train_dataset(
-    train, batch_size=args.batch_size, image_size=args.image_size, seed=args.seed, augment=False
+    train,
+    batch_size=args.batch_size,
+    image_size=args.image_size,
+    seed=args.seed,
+    augment=False,
+    rows=shardings.rows(args.batch_size),
   )
   optimizer = optimizers.make("fo-adam", 1e-3)
   step = make_train_step(apply, optimizer)
   params = shardings.replicate(params)
-  opt_state = shardings.replicate(optimizer.tx.init(params))
+  opt_state = shardings.init(optimizer.tx, params)
   start = time.perf_counter()
   iterator = data_lib.make_iterator(dataset)
   for _ in range(args.pretrain_steps):
@@ -401,7 +549,12 @@ def build_task(args, shardings: Shardings, log: Callable[[str], None], *, need_p
         args.model, num_classes, args.image_size, key=jax.random.key(args.seed)
       )
   dataset = data_lib.train_dataset(
-    train, batch_size=args.batch_size, image_size=args.image_size, seed=args.seed, augment=augment
+    train,
+    batch_size=args.batch_size,
+    image_size=args.image_size,
+    seed=args.seed,
+    augment=augment,
+    rows=shardings.rows(args.batch_size),
   )
   return Task(apply, params, dataset, _evaluator(apply, test, args, shardings), description)
 
@@ -518,9 +671,15 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
     zojax.checkpointing.CheckpointCorruptedError: if --resume finds no
       intact checkpoint.
   """
-  devices = jax.devices()
+  processes = resolve_processes(args)
   _resolve_defaults(args)
-  _check_args(args, len(devices))
+  lead = processes.index == 0  # the process that prints and writes logs, JSON and plots
+  _check_args(args, None, writes_outputs=lead)  # before joining: no process waits on a bad one
+  join(processes)
+  if not lead:
+    log = lambda *_: None  # noqa: E731
+  devices = jax.devices()  # of every process
+  _check_batch_size(args, len(devices))
   try:  # the presets check their hyperparameters and name the one at fault
     optimizer = optimizers.make(
       args.optimizer,
@@ -554,6 +713,9 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
       shapes = model_lib.param_shapes(args.model, NUM_CLASSES[args.dataset], args.image_size)
       params_t = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
       state_t = jax.eval_shape(optimizer.tx.init, params_t)
+      # Restored straight onto every device, replicated (as every process needs them).
+      replicated = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings.replicated)
+      params_t, state_t = jax.tree.map(replicated, (params_t, state_t))
       try:
         found = checkpointing.restore_latest_intact(
           args.checkpoint_dir, params_t, state_t, config=config
@@ -567,21 +729,20 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
   step_fn = make_train_step(task.apply, optimizer)
   iterator = data_lib.make_iterator(task.train)
   if resumed is None:
-    params = task.params
-    opt_state = optimizer.tx.init(params)
+    params = shardings.replicate(task.params)
+    opt_state = shardings.init(optimizer.tx, params)
     progress_state = {"step": 0, "forwards": 0, "seconds": 0.0, "history": []}
-    accuracy_before = task.evaluate(shardings.replicate(params))
+    accuracy_before = task.evaluate(params)
     log(f"before fine-tuning ({args.optimizer}): test accuracy {accuracy_before:.4f}")
   else:
     data_lib.set_state(iterator, resumed["data"])
     progress_state = resumed["progress"]
     accuracy_before = resumed["accuracy_before"]
     log(f"resumed from step {progress_state['step']} in {args.checkpoint_dir}")
-  params = shardings.replicate(params)
-  opt_state = shardings.replicate(opt_state)
+  # Restored parameters and state are replicated already (see the templates above).
 
   # Everything that can fail has been checked: now outputs may be written.
-  if resumed is not None:
+  if resumed is not None and lead:
     for step, reason in damaged:
       kept = set_aside(args.checkpoint_dir, step)
       print(
@@ -592,15 +753,21 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
       dropped = trim_log(args.log, resumed.get("log"))
       if dropped:
         log(f"dropped {dropped} lines after step {progress_state['step']} from {args.log}")
+  if resumed is not None and processes.count > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("damaged checkpoints set aside")
   if manager is None and args.checkpoint_dir:
     import orbax.checkpoint as ocp
 
     manager = ocp.CheckpointManager(
       os.path.abspath(args.checkpoint_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2)
     )
-  log_file = open(args.log, "a") if args.log else None  # noqa: SIM115
+  log_file = open(args.log, "a") if args.log and lead else None  # noqa: SIM115
 
   def save():
+    # Every process saves (orbax writes the arrays together, the JSON from process 0,
+    # whose extras hold the log's size).
     if manager is None:
       return
     from zojax import checkpointing
@@ -639,7 +806,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
   compile_seconds = time.perf_counter() - compile_start
 
   bar = None
-  if not args.quiet:
+  if not args.quiet and lead:
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -694,19 +861,21 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
     manager.close()
   if log_file:
     log_file.close()
-  if args.plot:
+  if args.plot and lead:
     _plot(progress_state["history"], args.plot)
 
   summary = {
     "optimizer": args.optimizer,
     "accuracy_before": accuracy_before,
     "accuracy_after": progress_state["history"][-1]["test_accuracy"],
+    "loss_after": progress_state["history"][-1]["loss"],
     "steps": progress_state["step"],
     "forward_passes": progress_state["forwards"],
     "train_seconds": round(progress_state["seconds"], 2),
     "compile_seconds": round(compile_seconds, 2),
     "stopped_by": stop,
     "devices": len(devices),
+    "processes": processes.count,
     "num_params": model_lib.num_params(params),
     "config": config,
     **task.description,
@@ -716,7 +885,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
     f"passes, {summary['train_seconds']:.1f} s + {summary['compile_seconds']:.1f} s compile): "
     f"test accuracy {summary['accuracy_before']:.4f} -> {summary['accuracy_after']:.4f}"
   )
-  if args.json:
+  if args.json and lead:
     with open(args.json, "w") as f:
       json.dump(summary, f, indent=2)
   return summary, params
