@@ -191,65 +191,70 @@ MULTI_PROCESS = textwrap.dedent(
 )
 
 
-def test_two_processes_run_the_example_as_one(tmp_path):
+def _two_processes(argv, tmp_path, root, env, *, process_1_from_environment=False):
+  """Runs the example in 2 processes (2 CPU devices each); returns their reports."""
   from tests import multi_process
 
+  port = multi_process.free_port()
+  flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
+  variables = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+
+  def command(i):
+    own = [] if i == 1 and process_1_from_environment else flags + [str(i)]
+    out = str(tmp_path / f"params{i}.npy")
+    return [sys.executable, "-c", MULTI_PROCESS, json.dumps(argv + own), out]
+
+  def environment(i):
+    if i == 1 and process_1_from_environment:
+      return dict(env, JAX_PROCESS_ID="1", **variables)
+    return env
+
+  results = multi_process.launch(command, 2, timeout=240, env=environment, cwd=root)
+  assert all(r.returncode == 0 for r in results), multi_process.report(results)
+  reports = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
+  # Both processes end with the same parameters, loss and accuracy.
+  assert reports[0]["digest"] == reports[1]["digest"]
+  timing = ("train_seconds", "compile_seconds")  # each process's own clock
+  summaries = [{k: v for k, v in r["summary"].items() if k not in timing} for r in reports]
+  assert summaries[0] == summaries[1]
+  assert summaries[0]["devices"] == 4 and summaries[0]["processes"] == 2
+  return reports[0]["summary"]
+
+
+def test_two_processes_run_the_example_as_one(tmp_path):
   ckpt, log_path, json_path = tmp_path / "ckpt", tmp_path / "log.jsonl", tmp_path / "out.json"
   base = MICRO + ["--data-dir", str(tmp_path / "tfds"), "--optimizer", "mezo", "--quiet"]
-  argv = base + ["--steps", "3", "--eval-every", "2"]
+  base += ["--eval-every", "2"]
   outputs = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"]
   outputs += ["--log", str(log_path), "--json", str(json_path)]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
   # Process 0 is told by its flags, process 1 by the environment variables.
-  port = multi_process.free_port()
-  by_flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
-  by_env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
-  by_env["JAX_PROCESS_ID"] = "1"
-
-  def command(i):
-    flags_i = by_flags if i == 0 else []
-    out = str(tmp_path / f"params{i}.npy")
-    return [sys.executable, "-c", MULTI_PROCESS, json.dumps(argv + outputs + flags_i), out]
-
-  results = multi_process.launch(
-    command, 2, timeout=240, env=lambda i: env if i == 0 else dict(env, **by_env), cwd=root
+  summary = _two_processes(
+    base + ["--steps", "3"] + outputs, tmp_path, root, env, process_1_from_environment=True
   )
-  assert all(r.returncode == 0 for r in results), multi_process.report(results)
-  reports = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
-  assert reports[0]["digest"] == reports[1]["digest"]
-  timing = ("train_seconds", "compile_seconds")  # each process's own clock
-  summaries = [{k: v for k, v in r["summary"].items() if k not in timing} for r in reports]
-  assert summaries[0] == summaries[1]  # final loss and accuracy included
-  summary = reports[0]["summary"]
-  assert summary["steps"] == 3 and summary["devices"] == 4 and summary["processes"] == 2
+  assert summary["steps"] == 3
   # Process 0 alone wrote the log (one line per evaluation) and the summary.
   assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 3]
   assert json.loads(json_path.read_text()) == summary
   assert sorted(p.name for p in ckpt.iterdir()) == ["2", "3"]
 
-  # The same run in one process (4 devices): the same result up to float32
-  # rounding, as in test_data_parallel_over_four_devices_matches_one.
-  proc = subprocess.run(
-    [sys.executable, "-c", MULTI_PROCESS, json.dumps(argv), str(tmp_path / "one.npy")],
-    env=dict(env, XLA_FLAGS=flags.replace("count=2", "count=4")),
-    cwd=root,
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
-  assert proc.returncode == 0, proc.stderr
-  one = np.load(tmp_path / "one.npy")
-  np.testing.assert_array_equal(
-    np.load(tmp_path / "params1.npy"), np.load(tmp_path / "params0.npy")
-  )
-  np.testing.assert_allclose(np.load(tmp_path / "params0.npy"), one, rtol=2e-4, atol=2e-5)
+  # Resumed in 2 processes from the checkpoint of step 3.
+  summary = _two_processes(base + ["--steps", "4", "--resume"] + outputs, tmp_path, root, env)
+  assert summary["steps"] == 4
+  assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 3, 4]
+  two = np.load(tmp_path / "params0.npy")
+  np.testing.assert_array_equal(np.load(tmp_path / "params1.npy"), two)
 
-  # The 2-process checkpoint resumes in this single process.
+  # The uninterrupted run in this process (one device): the same parameters up
+  # to float32 rounding, as in test_data_parallel_over_four_devices_matches_one.
   with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
-    resumed, _ = _run(base + ["--steps", "4", "--checkpoint-dir", str(ckpt), "--resume"])
-  assert resumed["steps"] == 4 and resumed["processes"] == 1
+    one, params = _run(base + ["--steps", "4"])
+  assert one["processes"] == 1
+  one_params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(params))])
+  np.testing.assert_allclose(two, one_params, rtol=2e-4, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------- bad input
