@@ -62,6 +62,12 @@ def test_every_optimizer_runs_a_few_steps(name, mock_cifar, tmp_path):
   assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in entries)
 
 
+def test_max_time_stops_the_run(mock_cifar):
+  argv = MICRO + ["--data-dir", mock_cifar, "--optimizer", "mezo", "--quiet"]
+  summary, _ = _run(argv + ["--steps", "5", "--max-time", "1e-9"])
+  assert summary["stopped_by"] == "time" and summary["steps"] == 1
+
+
 def _small_kwargs(name):
   args = train.parse_args(SMALL.get(name, []))
   return {"num_queries": args.num_queries, "rank": args.rank, "refresh_every": args.refresh_every}
@@ -242,7 +248,9 @@ def test_two_processes_run_the_example_as_one(tmp_path):
   assert sorted(p.name for p in ckpt.iterdir()) == ["2", "3"]
 
   # Resumed in 2 processes from the checkpoint of step 3.
-  summary = _two_processes(base + ["--steps", "4", "--resume"] + outputs, tmp_path, root, env)
+  # (--max-time: the decision to stop is process 0's, broadcast every step.)
+  resume = base + ["--steps", "4", "--resume", "--max-time", "1000"] + outputs
+  summary = _two_processes(resume, tmp_path, root, env)
   assert summary["steps"] == 4
   assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 3, 4]
   two = np.load(tmp_path / "params0.npy")

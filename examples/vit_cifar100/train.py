@@ -24,10 +24,12 @@ Several processes (hosts, or processes on one machine) run one data-parallel
 job with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or the
 environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID``; flags win): every process runs the same command with its
-own id, reads and prepares only its rows of every global batch, and takes
-part in every step and evaluation. Process 0 alone prints, logs and writes
-the JSON summary and the plot; every process takes part in writing a
-checkpoint (orbax coordinates them; the directory must be shared).
+own id, reads and prepares only its rows of every global training batch
+(evaluation batches whole, for their labels), and takes part in every step
+and evaluation. Process 0 alone prints, logs and writes the JSON summary and
+the plot; every process takes part in writing a checkpoint (orbax
+coordinates them; the directory must be shared). ``--max-time`` follows
+process 0's clock.
 
 Run ``python -m examples.vit_cifar100.train --help`` for the flags.
 """
@@ -357,6 +359,20 @@ def join(processes: Processes) -> None:
   """
   if processes.coordinator is not None:
     jax.distributed.initialize(processes.coordinator, processes.count, processes.index)
+
+
+def agreed(decision: bool, processes: Processes) -> bool:
+  """``decision`` as process 0 took it, on every process.
+
+  Each process times its own steps, so a decision taken from a clock
+  (``--max-time``) can differ between them; a process that stopped alone
+  would leave the others waiting in the next step's collectives.
+  """
+  if processes.count == 1:
+    return decision
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(decision)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -825,7 +841,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple
     if progress_state["forwards"] + optimizer.forwards_per_step > budget:
       stop = "forward budget"
       break
-    if progress_state["seconds"] >= max_time:
+    if max_time < math.inf and agreed(progress_state["seconds"] >= max_time, processes):
       stop = "time"
       break
     batch = shardings.put_batch(next(iterator))
