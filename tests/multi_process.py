@@ -2,8 +2,9 @@
 
 `launch` starts the processes, each with its own output files, and stops all
 of them as soon as one fails or the time is up, so that a test never leaves
-a process behind (a process whose peer died otherwise waits for it at the
-next collective until JAX's heartbeat timeout, 100 s). `free_port` finds a
+a process behind (a process whose peer died otherwise waits for it: in
+`jax.distributed.initialize` for up to 300 s, at a collective until JAX's
+heartbeat timeout, 100 s). `free_port` finds a
 port for the coordinator.
 
 Run as a program (``python -m tests.multi_process ...``), this module is one
