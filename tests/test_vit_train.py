@@ -344,6 +344,16 @@ def test_bad_multi_process_settings_are_usage_errors(
   assert message in err, err
 
 
+def test_other_flags_are_checked_before_the_processes_connect(no_training, capsys, monkeypatch):
+  def fail(*_):
+    raise AssertionError("joined the run before the command line was checked")
+
+  monkeypatch.setattr(train, "join", fail)
+  argv = ["--num-processes", "2", "--process-id", "1", "--coordinator", "127.0.0.1:1"]
+  err = _usage_error(argv + ["--lr", "nan"], capsys)
+  assert "--lr must be a positive number, got nan" in err, err
+
+
 def test_output_paths_are_checked_before_training(tmp_path, no_training, capsys):
   a_file = tmp_path / "file"
   a_file.write_text("mine")
