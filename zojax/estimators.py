@@ -316,6 +316,23 @@ def _update_c_mean_square(c_mean_square, c_count, c, ok, decay):
   return mean.astype(jnp.float32), count
 
 
+def _check_no_updates(updates) -> None:
+  """Raises if ``updates`` holds arrays: the estimator takes no incoming gradient."""
+  leaves = jax.tree.leaves(updates)
+  if not leaves:
+    return
+  raise ValueError(
+    "zo_grad computes the gradient itself, from the loss, so it takes updates=None, but it "
+    f"received a tree of {len(leaves)} arrays. Pass None: tx.update(None, state, params, "
+    "value_fn=loss). If a transform before the estimator made them, put it after the "
+    "estimator: optax.chain(zojax.zo_grad(), optax.clip_by_global_norm(1.0), optax.sgd(lr)). "
+    "optax.MultiSteps and optax.apply_if_finite cannot wrap a zojax optimizer (they read "
+    "the incoming updates, which are None here): accumulate with zojax.multi_steps(tx, k); "
+    "non-finite steps are already skipped by the estimator. See 'Wrappers' in the optax "
+    "page of the docs."
+  )
+
+
 def _replay(projected_grads, config: _Config, value_fn, batch):
   """A recorded step's ``(loss, c, ok)``: NaN, the ``c_i`` as recorded, True."""
   if value_fn is not None or batch is not _MISSING:
@@ -378,8 +395,12 @@ def zo_grad(
     as ``update(..., batch=batch)``, calling ``loss_fn(params, batch)`` (or
     ``loss_fn(params)`` when no batch is given).
 
-  The incoming ``updates`` are ignored (``None`` is accepted): the estimate
-  replaces them. ``params`` is required.
+  There is no incoming gradient: pass ``updates=None`` (a tree with array
+  leaves raises, since it means a transform of the gradient was placed
+  before the estimator, where it has nothing to act on). ``params`` is
+  required. Wrappers that read the incoming updates (`optax.MultiSteps`,
+  `optax.apply_if_finite`, `optax.masked`) cannot wrap the estimator; see
+  `zojax.multi_steps` for gradient accumulation.
 
   Replay: ``update(..., projected_grads=c)`` with the ``c_i`` a step
   recorded (``state.projected_grads`` after it, see `zojax.trajectory`)
@@ -489,10 +510,12 @@ def zo_grad(
   Raises:
     ValueError: at construction for ``num_queries < 1``, ``eps <= 0``,
       ``clip_c <= 1``, ``clip_decay`` outside [0, 1) or an unknown
-      estimator/distribution; at trace time for a missing loss or a loss
-      that is not a scalar.
+      estimator/distribution; at trace time for a missing loss, a loss
+      that is not a scalar, or incoming ``updates`` that hold arrays.
     TypeError: at construction for a seed that is neither an integer nor a
-      key; at trace time for a non-floating leaf that is not masked out.
+      key; at ``init`` for parameters with `optax.MaskedNode` placeholders
+      (inside `optax.masked` or `optax.multi_transform`); at trace time for a
+      non-floating leaf that is not masked out.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, zojax
@@ -535,6 +558,7 @@ def zo_grad(
   key = keys_lib.as_key(seed)
 
   def init_fn(params):
+    perturbations.check_not_masked(params)
     array_leaves.check_array_leaves(params)
     if static_queries is None:
       raise ValueError(
@@ -578,7 +602,8 @@ def zo_grad(
     projected_grads=None,
     **extra_args,
   ):
-    del updates, extra_args
+    del extra_args
+    _check_no_updates(updates)
     if params is None:
       raise ValueError("zo_grad needs params: call update(updates, state, params, ...).")
     array_leaves.check_array_leaves(params)
