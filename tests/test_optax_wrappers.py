@@ -45,7 +45,7 @@ def test_multi_steps_update_is_the_mean_of_the_k_estimates():
     params, batches, loss = problem()
     params = numerics.to_float64(params)
     batches = batches.astype(jnp.float64)
-    inner = zojax.mezo(1e-2, weight_decay=0.1, num_queries=3, seed=2)
+    inner = zojax.mezo(1e-2, weight_decay=0.1, num_queries=3, key=2)
     final, state, history = run_calls(zojax.multi_steps(inner, K), params, batches, loss)
     # Only the k-th call moves the parameters.
     for updates in history[:-1]:
@@ -74,7 +74,7 @@ def test_multi_steps_equals_one_step_on_the_union_batch():
   # ZO-Muon orthogonalizes the estimate (not linear in it): accumulation is
   # still exactly the step on the mean loss over the k batches.
   params, batches, loss = problem()
-  inner = zojax.zo_muon(1e-2, rank=1, seed=3)
+  inner = zojax.zo_muon(1e-2, rank=1, key=3)
   _, state, history = run_calls(zojax.multi_steps(inner, K), params, batches, loss)
   union = lambda p: jnp.mean(jax.vmap(lambda x: loss(p, x))(batches))  # noqa: E731
   want, want_state = inner.update(None, inner.init(params), params, value_fn=union)
@@ -134,7 +134,7 @@ def test_transform_before_the_estimator_gets_zojax_error():
 
 def test_clip_after_the_estimator_clips():
   params, batches, loss = problem()
-  tx = optax.chain(zojax.zo_grad(seed=0), optax.clip_by_global_norm(1e-3), optax.sgd(1.0))
+  tx = optax.chain(zojax.zo_grad(key=0), optax.clip_by_global_norm(1e-3), optax.sgd(1.0))
   updates, _ = tx.update(None, tx.init(params), params, value_fn=lambda p: loss(p, batches[0]))
   np.testing.assert_allclose(optax.tree.norm(updates), 1e-3, rtol=1e-5)
 
@@ -156,7 +156,7 @@ def test_masking_wrappers_get_zojax_error(wrap, preset):
 
 def test_mask_freezes_leaves():
   params, batches, loss = problem()
-  tx = zojax.mezo(1e-1, mask={"w": True, "b": False}, seed=0)
+  tx = zojax.mezo(1e-1, mask={"w": True, "b": False}, key=0)
   final, _, _ = run_calls(tx, params, batches, loss)
   chex.assert_trees_all_equal(final["b"], params["b"])
   assert np.any(np.asarray(final["w"] != params["w"]))

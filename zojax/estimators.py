@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import core as jex_core
 
-from zojax import array_leaves, hyperparams, perturb_at_use, perturbations
+from zojax import _deprecations, array_leaves, hyperparams, perturb_at_use, perturbations
 from zojax import keys as keys_lib
 
 ESTIMATORS = ("two_sided", "one_sided")
@@ -358,11 +358,12 @@ def zo_grad(
   distribution: str = "gaussian",
   mask: perturbations.Mask = None,
   vectorize: bool = False,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   perturb_at_use: bool = True,
   clip_c: float | None = None,
   clip_decay: float = 0.99,
+  seed: keys_lib.KeyLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Zeroth-order (SPSA) gradient estimate from forward passes only.
 
@@ -473,7 +474,8 @@ def zo_grad(
     loss_fn: optional loss ``loss_fn(params, batch) -> scalar`` bound at
       construction; if None, ``value_fn`` must be passed to ``update``.
     num_queries: number of directions per step, ``N >= 1``; None means 1.
-    eps: perturbation scale ``epsilon > 0``.
+    eps: the perturbation scale ``epsilon > 0`` of the MeZO and SPSA papers
+      (not optax's stability constant).
     estimator: ``"two_sided"`` (MeZO) or ``"one_sided"`` (shared baseline).
     distribution: direction distribution, ``"gaussian"``, ``"rademacher"``
       or ``"sphere"`` (uniform on the sphere of radius ``sqrt(d)``).
@@ -482,7 +484,7 @@ def zo_grad(
       leaves are not perturbed and get zero updates. Integer and boolean
       leaves must be masked out.
     vectorize: evaluate the queries with `vmap` instead of `lax.map`.
-    seed: an integer seed or a `jax.random` key for the state.
+    key: an integer or a `jax.random` key for the state (``seed=``, its former name, is deprecated).
     axis_name: for data parallelism under `jax.pmap` or `jax.shard_map`: the
       mapped axis the batch is split over. Every replica holds the same key,
       so all draw the same directions; only the loss values are averaged
@@ -512,7 +514,7 @@ def zo_grad(
       ``clip_c <= 1``, ``clip_decay`` outside [0, 1) or an unknown
       estimator/distribution; at trace time for a missing loss, a loss
       that is not a scalar, or incoming ``updates`` that hold arrays.
-    TypeError: at construction for a seed that is neither an integer nor a
+    TypeError: at construction for a ``key`` that is neither an integer nor a
       key; at ``init`` for parameters with `optax.MaskedNode` placeholders
       (inside `optax.masked` or `optax.multi_transform`); at trace time for a
       non-floating leaf that is not masked out.
@@ -521,11 +523,12 @@ def zo_grad(
     >>> import jax, jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones(3)}
     >>> loss = lambda p: jnp.sum(p["w"] ** 2)
-    >>> tx = optax.chain(zojax.zo_grad(num_queries=2, seed=0), optax.sgd(0.1))
+    >>> tx = optax.chain(zojax.zo_grad(num_queries=2, key=0), optax.sgd(0.1))
     >>> state = tx.init(params)
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
   """
+  key = _deprecations.renamed("zojax.zo_grad", "key", key, "seed", seed, 0)
   num_queries = hyperparams.integer(
     "num_queries", 1 if num_queries is None else num_queries, minimum=1
   )
@@ -555,7 +558,7 @@ def zo_grad(
     axis_name,
     bool(perturb_at_use),
   )
-  key = keys_lib.as_key(seed)
+  key = keys_lib.as_key(key)
 
   def init_fn(params):
     perturbations.check_not_masked(params)
