@@ -522,11 +522,16 @@ def zo_grad(
   Examples:
     >>> import jax, jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones(3)}
-    >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+    >>> loss = lambda p, x: jnp.sum((p["w"] * x) ** 2)
     >>> tx = optax.chain(zojax.zo_grad(num_queries=2, key=0), optax.sgd(0.1))
     >>> state = tx.init(params)
-    >>> updates, state = tx.update(None, state, params, value_fn=loss)
-    >>> params = optax.apply_updates(params, updates)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
+    >>> int(state[0].count)
+    1
   """
   key = _deprecations.renamed("zojax.zo_grad", "key", key, "seed", seed, 0)
   num_queries = hyperparams.integer(

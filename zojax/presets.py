@@ -125,13 +125,16 @@ def mezo(
     ``batch=`` when ``loss_fn`` is bound) to ``update``.
 
   Examples:
-    >>> import jax.numpy as jnp, optax, zojax
+    >>> import jax, jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
-    >>> loss = lambda p: jnp.sum((p["w"] @ jnp.ones(2) + p["b"]) ** 2)
-    >>> tx = zojax.mezo(learning_rate=1e-2, weight_decay=1e-4)
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.mezo(learning_rate=1e-2, weight_decay=1e-4, key=0)
     >>> state = tx.init(params)
-    >>> updates, state = tx.update(None, state, params, value_fn=loss)
-    >>> params = optax.apply_updates(params, updates)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(2))
   """
   key = _deprecations.renamed("zojax.mezo", "key", key, "seed", seed, 0)
   learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
@@ -274,6 +277,18 @@ def zo_muon(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.zo_muon(learning_rate=1e-2, rank=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
   key = _deprecations.renamed("zojax.zo_muon", "key", key, "seed", seed, 0)
   weight_dimension_numbers = _deprecations.renamed(
@@ -387,6 +402,18 @@ def zo_mopi(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.zo_mopi(learning_rate=1e-2, rank=2, k=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
   key = _deprecations.renamed("zojax.zo_mopi", "key", key, "seed", seed, 0)
   weight_dimension_numbers = _deprecations.renamed(
@@ -507,6 +534,18 @@ def lozo(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.lozo(learning_rate=1e-2, rank=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
   key = _deprecations.renamed("zojax.lozo", "key", key, "seed", seed, 0)
   weight_dimension_numbers = _deprecations.renamed(
@@ -569,6 +608,18 @@ def lozo_m(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.lozo_m(learning_rate=1e-2, rank=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
   key = _deprecations.renamed("zojax.lozo_m", "key", key, "seed", seed, 0)
   weight_dimension_numbers = _deprecations.renamed(
@@ -637,6 +688,18 @@ def subzero(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.subzero(learning_rate=1e-2, rank=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
   key = _deprecations.renamed("zojax.subzero", "key", key, "seed", seed, 0)
   weight_dimension_numbers = _deprecations.renamed(
@@ -748,14 +811,17 @@ def mezo_bcd(
     ValueError: see `block_coordinate` and `zojax.zo_grad`.
 
   Examples:
-    >>> import jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp, optax
     >>> from zojax import mezo_bcd
     >>> params = {"l0": {"w": jnp.ones((2, 2))}, "l1": {"w": jnp.ones((2, 2))}}
-    >>> loss = lambda p: jnp.sum((p["l1"]["w"] @ p["l0"]["w"]) ** 2)
-    >>> tx = mezo_bcd(learning_rate=1e-2, switch_every=10)
+    >>> loss = lambda p, x: jnp.sum((p["l1"]["w"] @ p["l0"]["w"] @ x) ** 2)
+    >>> tx = mezo_bcd(learning_rate=1e-2, switch_every=10, key=0)
     >>> state = tx.init(params)
-    >>> updates, state = tx.update(None, state, params, value_fn=loss)
-    >>> params = optax.apply_updates(params, updates)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(2))
   """
   key = _deprecations.renamed("zojax.mezo_bcd", "key", key, "seed", seed, 0)
   learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
