@@ -87,6 +87,24 @@ def test_multi_steps_equals_one_step_on_the_union_batch():
   )
 
 
+def test_multi_steps_counts_a_skipped_batch():
+  # A batch with a NaN loss contributes c = 0 and is counted at the step.
+  params, batches, loss = problem()
+  inner = zojax.mezo(1e-2, num_queries=2, key=1)
+  poisoned = lambda p, i: jnp.where(i == 1, jnp.nan, 1.0) * loss(p, batches[i])  # noqa: E731
+  final, state, history = run_calls(zojax.multi_steps(inner, K), params, jnp.arange(K), poisoned)
+  s0 = inner.init(params)
+  singles = [
+    inner.update(None, s0, params, value_fn=lambda q, i=i: loss(q, batches[i]))[0]
+    for i in range(K)
+    if i != 1
+  ]
+  want = jax.tree.map(lambda *u: sum(u) / K, *singles)
+  chex.assert_trees_all_close(history[-1], want, rtol=1e-5, atol=1e-7)
+  assert int(optax.tree_utils.tree_get(state, "num_nonfinite")) == 1
+  assert int(state.pending_nonfinite) == 0
+
+
 def test_multi_steps_needs_one_estimator():
   with pytest.raises(ValueError, match="exactly one zo_grad"):
     zojax.multi_steps(optax.sgd(0.1), 2).init({"w": jnp.ones(2)})

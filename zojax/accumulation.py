@@ -49,6 +49,9 @@ class MultiStepsState(NamedTuple):
       after a step). After a step, the wrapped optimizer's ``loss`` field holds the step's mean, so
       ``optax.tree_utils.tree_get(state, "loss")`` logs as without the
       wrapper.
+    pending_nonfinite: how many of those calls the estimator skipped (a loss
+      or a finite difference not finite). A step adds them to the wrapped
+      estimator's ``num_nonfinite``, which so counts skipped batches.
     inner_state: the wrapped optimizer's state; it changes only on steps.
   """
 
@@ -56,6 +59,7 @@ class MultiStepsState(NamedTuple):
   gradient_step: jax.Array
   mean_projected_grads: jax.Array
   mean_loss: jax.Array
+  pending_nonfinite: jax.Array
   inner_state: Any
 
 
@@ -70,18 +74,30 @@ def _loss(state) -> jax.Array:
   return losses[0] if len(losses) == 1 else jnp.full([], jnp.nan, jnp.float32)
 
 
-def _set_loss(new, old, loss):
-  """``new`` with ``loss`` in the loss fields of the estimators that just stepped.
+def _num_nonfinite(state) -> jax.Array:
+  """Skipped steps counted by the estimators in ``state`` (all blocks together)."""
+  nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ZOGradState))
+  counts = [n.num_nonfinite for n in nodes if isinstance(n, ZOGradState)]
+  return sum(counts, jnp.zeros([], jnp.int32))
 
-  A replayed step records a NaN loss (it evaluates none); here the losses
-  were evaluated, by the mini-steps.
+
+def _record_step(new, old, loss, skipped):
+  """``new`` with what the mini-steps saw, in the estimators that just stepped.
+
+  A replayed step records a NaN loss and no skip (it evaluates nothing); the
+  losses were evaluated, and any skips seen, by the mini-steps.
   """
 
   def fix(n, o):
     if isinstance(n, ZOGradState):
-      return n._replace(loss=jnp.where(n.count != o.count, loss, n.loss))
+      stepped = n.count != o.count
+      return n._replace(
+        loss=jnp.where(stepped, loss, n.loss),
+        num_nonfinite=jnp.where(stepped, n.num_nonfinite + skipped, n.num_nonfinite),
+      )
     if isinstance(n, BlockCoordinateState):
-      return n._replace(loss=loss, inner_states=_set_loss(n.inner_states, o.inner_states, loss))
+      inner = _record_step(n.inner_states, o.inner_states, loss, skipped)
+      return n._replace(loss=loss, inner_states=inner)
     return n
 
   return jax.tree.map(fix, new, old, is_leaf=_is_estimator_state)
@@ -106,7 +122,8 @@ def multi_steps(
   other calls return zeros (adding them to the parameters changes nothing).
   Each call costs the forward passes of one step of ``inner``; the step
   itself, on the k-th call, costs none more. A call whose losses are not
-  finite contributes ``c = 0`` (as `zojax.zo_grad` skips such a step).
+  finite contributes ``c = 0`` (as `zojax.zo_grad` skips such a step) and
+  is counted in the estimator's ``num_nonfinite`` at the step.
 
   Call it under `jax.jit`: each call evaluates ``inner``'s whole update to
   read the ``c_i`` of its batch, and only under `jit` is the unused rest of
@@ -160,6 +177,7 @@ def multi_steps(
       gradient_step=jnp.zeros([], jnp.int32),
       mean_projected_grads=jnp.zeros_like(c, jnp.float32),
       mean_loss=jnp.zeros([], jnp.float32),
+      pending_nonfinite=jnp.zeros([], jnp.int32),
       inner_state=inner_state,
     )
 
@@ -172,6 +190,8 @@ def multi_steps(
     _, probed = inner.update(updates, state.inner_state, params, **extra_args)
     c = trajectory.record(probed).astype(jnp.float32)
     loss = _loss(probed).astype(jnp.float32)
+    skipped = _num_nonfinite(probed) - _num_nonfinite(state.inner_state)
+    pending = (state.pending_nonfinite + skipped).astype(jnp.int32)
     n = state.mini_step
     mean_c = state.mean_projected_grads + (c - state.mean_projected_grads) / (n + 1)
     mean_loss = state.mean_loss + (loss - state.mean_loss) / (n + 1)
@@ -183,7 +203,7 @@ def multi_steps(
       out, new_inner = inner.update(
         updates, state.inner_state, params, projected_grads=mean_c, **replay_args
       )
-      return out, _set_loss(new_inner, state.inner_state, mean_loss)
+      return out, _record_step(new_inner, state.inner_state, mean_loss, pending)
 
     def wait():
       shapes = jax.eval_shape(take_step)[0]
@@ -198,6 +218,7 @@ def multi_steps(
       ).astype(jnp.int32),
       mean_projected_grads=jnp.where(emit, jnp.zeros_like(mean_c), mean_c),
       mean_loss=jnp.where(emit, 0.0, mean_loss).astype(jnp.float32),
+      pending_nonfinite=jnp.where(emit, 0, pending).astype(jnp.int32),
       inner_state=inner_state,
     )
     return out, new_state
