@@ -74,9 +74,9 @@ def measure(args: argparse.Namespace) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(params))
   forward = jax.jit(loss)
   steppers = {
-    "mezo": _Stepper(zojax.mezo(args.learning_rate, seed=0), params, loss, batch),
+    "mezo": _Stepper(zojax.mezo(args.learning_rate, key=0), params, loss, batch),
     "mezo_bcd": _Stepper(
-      zojax.mezo_bcd(args.learning_rate, switch_every=args.switch_every, seed=0),
+      zojax.mezo_bcd(args.learning_rate, switch_every=args.switch_every, key=0),
       params,
       loss,
       batch,

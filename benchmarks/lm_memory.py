@@ -112,15 +112,17 @@ def make_optimizer(mode: str):
   if mode == "mezo_bcd":
     return zojax.mezo_bcd(1e-6, blocks=lm_optimizers.layer_blocks)
   if mode == "zo_muon":
-    return zojax.zo_muon(1e-2, rank=64, num_queries=4, refresh_every=100, dimension_numbers=dims)
+    return zojax.zo_muon(
+      1e-2, rank=64, num_queries=4, refresh_every=100, weight_dimension_numbers=dims
+    )
   if mode == "zo_mopi":
-    return zojax.zo_mopi(1e-2, dimension_numbers=dims)
+    return zojax.zo_mopi(1e-2, weight_dimension_numbers=dims)
   if mode == "lozo":
-    return zojax.lozo(1e-6, dimension_numbers=dims)
+    return zojax.lozo(1e-6, weight_dimension_numbers=dims)
   if mode == "lozo_m":
-    return zojax.lozo_m(1e-6, dimension_numbers=dims)
+    return zojax.lozo_m(1e-6, weight_dimension_numbers=dims)
   if mode == "subzero":
-    return zojax.subzero(1e-6, dimension_numbers=dims)
+    return zojax.subzero(1e-6, weight_dimension_numbers=dims)
   if mode == "adam":
     return optax.adam(1e-5)
   raise ValueError(f"unknown mode {mode!r}")

@@ -109,7 +109,7 @@ def _changed(new, old) -> jax.Array:
 
 def optimizer(method: str, learning_rate, seed: int) -> optax.GradientTransformation:
   """The optimizer of one run (see the module docstring)."""
-  mezo = zojax.mezo(learning_rate, seed=seed)
+  mezo = zojax.mezo(learning_rate, key=seed)
   if method == "bf16_stochastic":
     return optax.chain(mezo, zojax.stochastic_rounding(seed))
   if method == "bf16_master":

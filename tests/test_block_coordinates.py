@@ -69,7 +69,7 @@ def make_bcd(loss):
     blocks=lambda p: top_level_blocks(p, exclude=["head"]),
     switch_every=SWITCH_EVERY,
     order="random",
-    seed=0,
+    key=0,
     loss_fn=loss,
   )
 
@@ -364,7 +364,7 @@ def test_default_blocks_of_an_equinox_mlp_are_its_layers():
 
 def test_inner_state_is_per_block_and_keys_differ():
   params, _, _ = mlp_problem()
-  tx = block_coordinate(optax.chain(zojax.zo_grad(seed=0), optax.adam(1e-3)))
+  tx = block_coordinate(optax.chain(zojax.zo_grad(key=0), optax.adam(1e-3)))
   state = tx.init(params)
   assert len(state.inner_states) == 5  # default rule: head, layer_0..layer_3
   names = sorted(params["params"])

@@ -133,7 +133,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(name, tmp_path):
 
 def test_typed_keys_and_namedtuples_round_trip_into_abstract_templates(tmp_path):
   params, _ = _problem()
-  tx = zojax.zo_muon(rank=2, num_queries=2, seed=jax.random.key(3, impl="rbg"))
+  tx = zojax.zo_muon(rank=2, num_queries=2, key=jax.random.key(3, impl="rbg"))
   state = tx.init(params)
   _save(tmp_path, 0, params, state)
 
@@ -149,7 +149,7 @@ def test_typed_keys_and_namedtuples_round_trip_into_abstract_templates(tmp_path)
 
 def test_keys_of_another_implementation_are_refused(tmp_path):
   params, _ = _problem()
-  rbg = zojax.mezo(0.1, seed=jax.random.key(0, impl="rbg"))
+  rbg = zojax.mezo(0.1, key=jax.random.key(0, impl="rbg"))
   _save(tmp_path, 0, params, rbg.init(params))
   with pytest.raises(checkpointing.CheckpointMismatchError, match=r"\[0\]\.key: saved dtype"):
     _restore(tmp_path, 0, params, zojax.mezo(0.1).init(params))
@@ -368,11 +368,11 @@ def test_arrays_of_another_checkpoint_are_detected(item, tmp_path):
   """Same structure, other values: parameters, or a state differing only in its typed key."""
   params, _ = _random_problem()
   other = jax.tree.map(lambda x: x + 1, params) if item == "params" else params
-  _save(tmp_path / "a", 4, params, zojax.mezo(0.1, seed=0).init(params))
-  _save(tmp_path / "b", 4, other, zojax.mezo(0.1, seed=1).init(params))
+  _save(tmp_path / "a", 4, params, zojax.mezo(0.1, key=0).init(params))
+  _save(tmp_path / "b", 4, other, zojax.mezo(0.1, key=1).init(params))
   shutil.rmtree(tmp_path / "a" / "4" / item)
   shutil.copytree(tmp_path / "b" / "4" / item, tmp_path / "a" / "4" / item)
-  state = zojax.mezo(0.1, seed=0).init(params)
+  state = zojax.mezo(0.1, key=0).init(params)
   _corrupted(tmp_path / "a", 4, params, state, "arrays differ from the SHA-256 digest")
 
 

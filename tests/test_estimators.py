@@ -84,7 +84,7 @@ class UnbiasednessTest(parameterized.TestCase):
   def test_mean_matches_exact_gradient(self, problem, estimator, distribution, num_queries):
     params, loss = PROBLEMS[problem]()
     tx = zojax.zo_grad(
-      num_queries=num_queries, eps=1e-3, estimator=estimator, distribution=distribution, seed=3
+      num_queries=num_queries, eps=1e-3, estimator=estimator, distribution=distribution, key=3
     )
     samples = many_estimates(tx, params, loss)
     exact = ravel_pytree(jax.grad(loss)(params))[0]
@@ -95,7 +95,7 @@ class UnbiasednessTest(parameterized.TestCase):
     # The same check, fed the estimate with 1/eps instead of 1/(2 eps) (two-sided)
     # or 1/(2 eps) instead of 1/eps (one-sided), must fail.
     params, loss = quadratic_problem()
-    tx = zojax.zo_grad(estimator=estimator, seed=3)
+    tx = zojax.zo_grad(estimator=estimator, key=3)
     samples = many_estimates(tx, params, loss)
     factor = 2.0 if estimator == "two_sided" else 0.5
     exact = ravel_pytree(jax.grad(loss)(params))[0]
@@ -115,7 +115,7 @@ class ScalarsTest(parameterized.TestCase):
     with numerics.float64():
       params, loss = quadratic_problem(jnp.float64)
       eps = 1e-2
-      tx = zojax.zo_grad(num_queries=3, eps=eps, seed=5)
+      tx = zojax.zo_grad(num_queries=3, eps=eps, key=5)
       state = tx.init(params)
       updates, new_state = tx.update(None, state, params, value_fn=loss)
       key_t = zojax.keys.step_key(state.key, state.count)
@@ -145,7 +145,7 @@ class ScalarsTest(parameterized.TestCase):
   def test_one_sided_records_baseline(self):
     with numerics.float64():
       params, loss = quadratic_problem(jnp.float64)
-      tx = zojax.zo_grad(num_queries=2, estimator="one_sided", seed=5)
+      tx = zojax.zo_grad(num_queries=2, estimator="one_sided", key=5)
       _, state = tx.update(None, tx.init(params), params, value_fn=loss)
       rtol = 2 * numerics.F32_UNIT_ROUNDOFF
       np.testing.assert_allclose(state.loss, loss(params), rtol=rtol)
@@ -181,7 +181,7 @@ class DeterminismTest(chex.TestCase):
 
     def run(seed):
       # The seed only changes the initial state, so every run shares `step`.
-      state = optax.chain(zojax.zo_grad(num_queries=2, seed=seed), optax.sgd(0.05)).init(params)
+      state = optax.chain(zojax.zo_grad(num_queries=2, key=seed), optax.sgd(0.05)).init(params)
       p = params
       for _ in range(num_steps):
         u, state = step(p, state)
@@ -201,7 +201,7 @@ class DeterminismTest(chex.TestCase):
   def test_jit_matches_eager(self):
     with numerics.float64():
       params, loss = mlp_problem(jnp.float64)
-      tx = zojax.zo_grad(num_queries=3, seed=1)
+      tx = zojax.zo_grad(num_queries=3, key=1)
       state = tx.init(params)
       eager = tx.update(None, state, params, value_fn=loss)[0]
       jitted = jax.jit(lambda p, s: tx.update(None, s, p, value_fn=loss)[0])(params, state)
@@ -213,7 +213,7 @@ class DeterminismTest(chex.TestCase):
       params, loss = mlp_problem(jnp.float64)
       outs = []
       for vectorize in (False, True):
-        tx = zojax.zo_grad(num_queries=4, estimator=estimator, vectorize=vectorize, seed=2)
+        tx = zojax.zo_grad(num_queries=4, estimator=estimator, vectorize=vectorize, key=2)
         outs.append(
           jax.jit(lambda p, s, tx=tx: tx.update(None, s, p, value_fn=loss)[0])(
             params, tx.init(params)
@@ -223,7 +223,7 @@ class DeterminismTest(chex.TestCase):
 
   def test_steps_use_fresh_directions(self):
     params, loss = mlp_problem()
-    tx = zojax.zo_grad(seed=0)
+    tx = zojax.zo_grad(key=0)
     state = tx.init(params)
     u1, state = tx.update(None, state, params, value_fn=loss)
     u2, _ = tx.update(None, state, params, value_fn=loss)
@@ -245,8 +245,8 @@ class LossBoundFormTest(chex.TestCase):
       h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
       return jnp.mean((h @ p["l2"]["kernel"] + p["l2"]["bias"] - y) ** 2)
 
-    bound = optax.chain(zojax.zo_grad(loss_fn, seed=4), optax.scale(-0.1))
-    free = optax.chain(zojax.zo_grad(seed=4), optax.scale(-0.1))
+    bound = optax.chain(zojax.zo_grad(loss_fn, key=4), optax.scale(-0.1))
+    free = optax.chain(zojax.zo_grad(key=4), optax.scale(-0.1))
     a = self.variant(lambda p, s, b: bound.update(None, s, p, batch=b))(
       params, bound.init(params), batch
     )
@@ -257,9 +257,9 @@ class LossBoundFormTest(chex.TestCase):
 
   def test_loss_without_batch(self):
     params, loss = quadratic_problem()
-    tx = zojax.zo_grad(loss, seed=1)
+    tx = zojax.zo_grad(loss, key=1)
     a = tx.update(None, tx.init(params), params)[0]
-    b = zojax.zo_grad(seed=1).update(None, tx.init(params), params, value_fn=loss)[0]
+    b = zojax.zo_grad(key=1).update(None, tx.init(params), params, value_fn=loss)[0]
     chex.assert_trees_all_equal(a, b)
 
 
@@ -273,7 +273,7 @@ class NonFiniteGuardTest(chex.TestCase):
     def spiky(p):  # infinite whenever the perturbation raises this weight
       return jnp.where(p["l1"]["kernel"][0, 0] > w0, jnp.inf, loss(p))
 
-    tx = optax.chain(zojax.zo_grad(num_queries=2, estimator=estimator, seed=0), optax.sgd(0.1))
+    tx = optax.chain(zojax.zo_grad(num_queries=2, estimator=estimator, key=0), optax.sgd(0.1))
     state = tx.init(params)
     step = self.variant(lambda p, s: tx.update(None, s, p, value_fn=spiky))
     updates, state = step(params, state)
@@ -285,7 +285,7 @@ class NonFiniteGuardTest(chex.TestCase):
 
   def test_finite_step_after_a_skipped_one(self):
     params, loss = mlp_problem()
-    tx = optax.chain(zojax.zo_grad(seed=0), optax.sgd(0.1))
+    tx = optax.chain(zojax.zo_grad(key=0), optax.sgd(0.1))
 
     @jax.jit
     def step(p, s, bad):
@@ -300,7 +300,7 @@ class NonFiniteGuardTest(chex.TestCase):
 
   def test_nan_batch(self):
     params, loss = quadratic_problem()
-    tx = zojax.zo_grad(lambda p, b: loss(p) * b, seed=0)
+    tx = zojax.zo_grad(lambda p, b: loss(p) * b, key=0)
     updates, state = tx.update(None, tx.init(params), params, batch=jnp.float32(jnp.nan))
     chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
     self.assertTrue(np.isnan(state.loss))
@@ -324,7 +324,7 @@ class OutlierGuardTest(chex.TestCase):
   @parameterized.product(estimator=zojax.ESTIMATORS, spike=[1e20, 1e30])
   def test_huge_finite_spike_is_skipped(self, estimator, spike):
     params, loss = mlp_problem()
-    tx = zojax.zo_grad(num_queries=2, estimator=estimator, seed=0)
+    tx = zojax.zo_grad(num_queries=2, estimator=estimator, key=0)
     step = self.variant(
       lambda p, s: tx.update(None, s, p, value_fn=spike_on_one_sign(loss, p, spike))
     )
@@ -339,7 +339,7 @@ class OutlierGuardTest(chex.TestCase):
     # |c| = spike / (2 eps) up to the slope (|c| ~ 1 here): a factor of two
     # either side of the bound is far outside that.
     params, loss = mlp_problem()
-    tx = zojax.zo_grad(seed=0)
+    tx = zojax.zo_grad(key=0)
     for factor, skipped in [(0.5, 0), (2.0, 1)]:
       spike = factor * zojax.MAX_PROJECTED_GRAD * 2 * 1e-3
       _, state = tx.update(
@@ -354,7 +354,7 @@ class OutlierGuardTest(chex.TestCase):
     # the bound is checked before the cast.
     params, loss = mlp_problem()
     with numerics.float64():
-      tx = zojax.zo_grad(seed=0)
+      tx = zojax.zo_grad(key=0)
       spiky = spike_on_one_sign(lambda p: loss(p).astype(jnp.float64), params, 1e300)
       updates, state = tx.update(None, tx.init(params), params, value_fn=spiky)
     chex.assert_tree_all_finite(updates)
@@ -365,7 +365,7 @@ class OutlierGuardTest(chex.TestCase):
     # Before the bound, a 1e20 spike made g^2 overflow: Adam's nu became inf
     # and every later update m / sqrt(nu) was exactly 0 (frozen for good).
     params, loss = mlp_problem()
-    tx = optax.chain(zojax.zo_grad(seed=0), optax.adam(1e-2))
+    tx = optax.chain(zojax.zo_grad(key=0), optax.adam(1e-2))
 
     @jax.jit
     def step(p, s, spike):
@@ -389,7 +389,7 @@ class ClipTest(chex.TestCase):
   def test_spike_is_clipped_to_k_times_the_running_rms(self):
     params, loss = mlp_problem()
     k = 3.0
-    tx = zojax.zo_grad(num_queries=2, seed=0, clip_c=k)
+    tx = zojax.zo_grad(num_queries=2, key=0, clip_c=k)
     step = self.variant(
       lambda p, s, spike: tx.update(None, s, p, value_fn=spike_on_one_sign(loss, p, spike))
     )
@@ -416,7 +416,7 @@ class ClipTest(chex.TestCase):
     params, loss = mlp_problem()
     spiky = spike_on_one_sign(loss, params, 100.0)
     for clip_c in [None, 3.0]:
-      tx = zojax.zo_grad(seed=0, clip_c=clip_c)
+      tx = zojax.zo_grad(key=0, clip_c=clip_c)
       _, state = tx.update(None, tx.init(params), params, value_fn=spiky)
       self.assertGreater(float(np.abs(state.projected_grads[0])), 4e4)
       np.testing.assert_allclose(state.c_mean_square, np.square(state.projected_grads[0]))
@@ -426,7 +426,7 @@ class ClipTest(chex.TestCase):
     # skipped step, are not averaged; a live skipped step is not either.
     params = {"w": jnp.ones(3)}
     decay = 0.9
-    tx = zojax.zo_grad(num_queries=2, clip_decay=decay, seed=0)
+    tx = zojax.zo_grad(num_queries=2, clip_decay=decay, key=0)
     rows = np.asarray([[3.0, -1.0], [0.0, 0.0], [0.5, 2.0], [-4.0, 0.0]], np.float32)
     state = tx.init(params)
     ema, n = 0.0, 0
@@ -449,7 +449,7 @@ class ClipTest(chex.TestCase):
     # multiply it by about 1 + w (5e4)^2.
     params, loss = mlp_problem()
     k, decay = 3.0, 0.5
-    tx = zojax.zo_grad(seed=0, clip_c=k, clip_decay=decay)
+    tx = zojax.zo_grad(key=0, clip_c=k, clip_decay=decay)
     step = jax.jit(
       lambda s, spike: tx.update(None, s, params, value_fn=spike_on_one_sign(loss, params, spike))
     )
@@ -469,8 +469,8 @@ class ClipTest(chex.TestCase):
       zojax.zo_grad(clip_decay=1.0)
     # Under optax.inject_hyperparams k and the decay are traced arrays.
     params, loss = mlp_problem()
-    plain = zojax.zo_grad(seed=0, clip_c=3.0, clip_decay=0.9)
-    injected = optax.inject_hyperparams(zojax.zo_grad)(seed=0, clip_c=3.0, clip_decay=0.9)
+    plain = zojax.zo_grad(key=0, clip_c=3.0, clip_decay=0.9)
+    injected = optax.inject_hyperparams(zojax.zo_grad)(key=0, clip_c=3.0, clip_decay=0.9)
     spiky = spike_on_one_sign(loss, params, 100.0)
 
     def run(tx):
@@ -491,7 +491,7 @@ class MaskTest(parameterized.TestCase):
   def test_masked_leaves_get_zero_updates_and_others_unchanged(self):
     params, loss = mlp_problem()
     mask = {"l1": {"kernel": True, "bias": False}, "l2": {"kernel": True, "bias": True}}
-    tx = zojax.zo_grad(mask=mask, seed=9)
+    tx = zojax.zo_grad(mask=mask, key=9)
     state = tx.init(params)
     updates, _ = tx.update(None, state, params, value_fn=loss)
     np.testing.assert_array_equal(updates["l1"]["bias"], np.zeros(4))
@@ -505,11 +505,11 @@ class MaskTest(parameterized.TestCase):
   def test_integer_leaf_must_be_masked(self):
     params, loss = quadratic_problem()
     params = dict(params, step=jnp.array(3, jnp.int32))
-    tx = zojax.zo_grad(seed=0)
+    tx = zojax.zo_grad(key=0)
     with pytest.raises(TypeError, match=r"\['step'\].*int32"):
       tx.update(None, tx.init(params), params, value_fn=lambda p: loss({"w": p["w"], "v": p["v"]}))
     mask_fn = lambda p: jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.floating), p)
-    tx = zojax.zo_grad(mask=mask_fn, seed=0)
+    tx = zojax.zo_grad(mask=mask_fn, key=0)
     updates, _ = jax.jit(
       lambda p, s: tx.update(None, s, p, value_fn=lambda q: loss({"w": q["w"], "v": q["v"]}))
     )(params, tx.init(params))
@@ -538,11 +538,11 @@ class CompositionTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_followed_by_sgd_is_minus_lr_times_estimate(self):
     params, loss = mlp_problem()
-    raw = zojax.zo_grad(seed=11)
+    raw = zojax.zo_grad(key=11)
     est = self.variant(lambda p, s: raw.update(None, s, p, value_fn=loss)[0])(
       params, raw.init(params)
     )
-    tx = optax.chain(zojax.zo_grad(seed=11), optax.sgd(0.25))
+    tx = optax.chain(zojax.zo_grad(key=11), optax.sgd(0.25))
     upd = self.variant(lambda p, s: tx.update(None, s, p, value_fn=loss)[0])(
       params, tx.init(params)
     )
@@ -637,8 +637,8 @@ class ErrorTest(parameterized.TestCase):
       tx.update(None, tx.init(params), params, value_fn=loss)
 
   def test_bad_seed(self):
-    with pytest.raises(TypeError, match="seed"):
-      zojax.zo_grad(seed=1.5)
+    with pytest.raises(TypeError, match="key must be"):
+      zojax.zo_grad(key=1.5)
 
   def test_loss_with_an_auxiliary_output_says_what_to_do(self):
     params, loss = quadratic_problem()

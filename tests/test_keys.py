@@ -25,7 +25,7 @@ def test_as_key_accepts_ints_and_keys():
   "bad", [1.5, "0", True, None, jnp.ones(3), jax.random.split(jax.random.key(0))]
 )
 def test_as_key_rejects_other_things(bad):
-  with pytest.raises(TypeError, match="seed"):
+  with pytest.raises(TypeError, match="key must be"):
     keys.as_key(bad)
 
 

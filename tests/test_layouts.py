@@ -86,13 +86,15 @@ def test_the_numbers_are_what_resolve_sees():
 
 PRESETS = {
   "zo_muon": lambda dims: zojax.zo_muon(
-    1e-2, rank=2, refresh_every=2, num_queries=2, dimension_numbers=dims
+    1e-2, rank=2, refresh_every=2, num_queries=2, weight_dimension_numbers=dims
   ),
   "zo_mopi": lambda dims: zojax.zo_mopi(
-    1e-2, rank=2, k=1, refresh_every=2, num_queries=2, dimension_numbers=dims
+    1e-2, rank=2, k=1, refresh_every=2, num_queries=2, weight_dimension_numbers=dims
   ),
-  "lozo": lambda dims: zojax.lozo(1e-2, rank=2, refresh_every=2, dimension_numbers=dims),
-  "subzero": lambda dims: zojax.subzero(1e-2, rank=2, refresh_every=2, dimension_numbers=dims),
+  "lozo": lambda dims: zojax.lozo(1e-2, rank=2, refresh_every=2, weight_dimension_numbers=dims),
+  "subzero": lambda dims: zojax.subzero(
+    1e-2, rank=2, refresh_every=2, weight_dimension_numbers=dims
+  ),
 }
 
 
@@ -128,7 +130,9 @@ def test_presets_on_equinox_weights_match_the_flax_layout(name):
 
 def test_zo_muon_basis_spans_the_output_axis():
   params, static = eqx.partition(_model(), eqx.is_inexact_array)
-  tx = zojax.zo_muon(1e-2, rank=2, num_queries=2, dimension_numbers=equinox_dimension_numbers)
+  tx = zojax.zo_muon(
+    1e-2, rank=2, num_queries=2, weight_dimension_numbers=equinox_dimension_numbers
+  )
   new, state = _run(tx, params, _eqx_loss(static), steps=1)
   sub = optax.tree_utils.tree_get(state, "SubspaceState")
   basis = sub.bases[0]  # layers[0].weight, (out=4, in=6)

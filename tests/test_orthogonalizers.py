@@ -167,7 +167,7 @@ class PowerIterationTest(parameterized.TestCase):
     rng = np.random.default_rng(6)
     params = {"w": f32(rng.normal(size=(10, 12))), "small": f32(rng.normal(size=(4, 3)))}
     params["b"] = jnp.ones(3)
-    tx = orth.orthogonalize("power_iteration", rank=5, seed=7)
+    tx = orth.orthogonalize("power_iteration", rank=5, key=7)
     state = tx.init(params)
     self.assertIsNone(state.v["b"])
     self.assertEqual(state.v["w"].shape, (1, 10, 5))  # V spans fan_in (flax axis 0)
@@ -178,7 +178,7 @@ class PowerIterationTest(parameterized.TestCase):
     np.testing.assert_allclose(new_state.v["w"][0], v_ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out["small"]) ** 2, 3.0, rtol=1e-5)
     np.testing.assert_array_equal(out["b"], params["b"])
-    other = orth.orthogonalize("power_iteration", rank=5, seed=8).init(params)
+    other = orth.orthogonalize("power_iteration", rank=5, key=8).init(params)
     self.assertFalse(np.allclose(other.v["w"], state.v["w"]))
 
 
@@ -214,14 +214,14 @@ class TransformTest(chex.TestCase):
     params = self._params()
     dn = {"w": None, "conv": MuonDimensionNumbers((0, 1, 2), 3), "b": None, "scalar": None}
     for dims in (dn, lambda p: dn):
-      out, _ = orth.orthogonalize(dimension_numbers=dims).update(params, optax.EmptyState())
+      out, _ = orth.orthogonalize(weight_dimension_numbers=dims).update(params, optax.EmptyState())
       np.testing.assert_array_equal(out["w"], params["w"])
       np.testing.assert_allclose(
         out["conv"], orth.newton_schulz(params["conv"].reshape(36, 8)).reshape(3, 3, 4, 8)
       )
     # Axis 0 as a batch axis: each (4, 8) slice of a (2, 4, 8) leaf separately.
     x = f32(np.random.default_rng(9).normal(size=(2, 4, 8)))
-    tx = orth.orthogonalize("svd", dimension_numbers=MuonDimensionNumbers(1, 2))
+    tx = orth.orthogonalize("svd", weight_dimension_numbers=MuonDimensionNumbers(1, 2))
     out, _ = tx.update({"x": x, "b": jnp.ones(2)}, optax.EmptyState())
     for i in range(2):
       np.testing.assert_allclose(out["x"][i], orth.polar_svd(x[i]), atol=1e-6)
@@ -293,17 +293,17 @@ class ErrorTest(parameterized.TestCase):
       orth.orthogonalize(ns_coeffs=(1.0, 2.0))
     with pytest.raises(ValueError, match="eps"):
       orth.orthogonalize(eps=-1.0)
-    with pytest.raises(TypeError, match="seed"):
-      orth.orthogonalize("power_iteration", rank=2, seed="a")
+    with pytest.raises(TypeError, match="key must be"):
+      orth.orthogonalize("power_iteration", rank=2, key="a")
 
   def test_bad_dimension_numbers(self):
     with pytest.raises(TypeError, match="MuonDimensionNumbers"):
-      orth.orthogonalize(dimension_numbers={"w": (0, 1)})
+      orth.orthogonalize(weight_dimension_numbers={"w": (0, 1)})
     params = {"w": jnp.ones((3, 4))}
-    tx = orth.orthogonalize(dimension_numbers=MuonDimensionNumbers(0, 0))
+    tx = orth.orthogonalize(weight_dimension_numbers=MuonDimensionNumbers(0, 0))
     with pytest.raises(ValueError, match="distinct"):
       tx.update(params, tx.init(params))
-    tx = orth.orthogonalize(dimension_numbers={"v": None})
+    tx = orth.orthogonalize(weight_dimension_numbers={"v": None})
     with pytest.raises(ValueError, match="prefix"):
       tx.update(params, tx.init(params))
 

@@ -204,7 +204,7 @@ def test_optimizer_after_zo_grad_on_a_skipped_step(inner, expect):
   # The skipped step feeds an exact zero to the optimizer after zo_grad:
   # SGD's trace decays (update = beta * last update); Adam's moments decay
   # (mu <- b1 mu, nu <- b2 nu) and it still steps, as on a zero gradient.
-  tx = optax.chain(zojax.zo_grad(seed=0), inner)
+  tx = optax.chain(zojax.zo_grad(key=0), inner)
   trace, _ = run(tx, one_sided=False, spikes=SPIKES[: SKIPPED + 1])
   previous, skipped = trace[SKIPPED - 1][2], trace[SKIPPED][2]
   if expect == "decayed":

@@ -727,7 +727,7 @@ def test_zo_grad_at_use_matches_up_front(estimator, num_queries, vectorize, mode
         eps=eps,
         estimator=estimator,
         vectorize=vectorize,
-        seed=11,
+        key=11,
         perturb_at_use=at_use,
       )
       step = jax.jit(lambda p, s, d, tx=tx: tx.update(None, s, p, value_fn=lambda q: loss(q, d)))
@@ -746,7 +746,7 @@ def test_zo_grad_sphere_and_mask():
     results = []
     for at_use in (True, False):
       tx = zojax.zo_grad(
-        num_queries=2, eps=1e-2, distribution="sphere", mask=mask, seed=3, perturb_at_use=at_use
+        num_queries=2, eps=1e-2, distribution="sphere", mask=mask, key=3, perturb_at_use=at_use
       )
       step = jax.jit(lambda p, s, tx=tx: tx.update(None, s, p, value_fn=lambda q: loss(q, data)))
       results.append(step(params, tx.init(params)))
@@ -957,14 +957,20 @@ PRESET_LAYOUTS = {"zo_muon_lm": {"['stack']": "stacked", "['embed']": "transpose
 
 
 PRESETS = {
-  "mezo": lambda: zojax.mezo(1e-2, eps=1e-2, weight_decay=0.1, num_queries=2, seed=1),
+  "mezo": lambda: zojax.mezo(1e-2, eps=1e-2, weight_decay=0.1, num_queries=2, key=1),
   "zo_muon": lambda: zojax.zo_muon(
-    1e-2, rank=64, refresh_every=None, num_queries=2, eps=1e-2, seed=1
+    1e-2, rank=64, refresh_every=None, num_queries=2, eps=1e-2, key=1
   ),
   "zo_muon_lm": lambda: zojax.zo_muon(
-    1e-2, rank=8, refresh_every=None, num_queries=2, eps=1e-2, dimension_numbers=LM_DIMS, seed=1
+    1e-2,
+    rank=8,
+    refresh_every=None,
+    num_queries=2,
+    eps=1e-2,
+    weight_dimension_numbers=LM_DIMS,
+    key=1,
   ),
-  "mezo_bcd": lambda: zojax.mezo_bcd(1e-2, eps=1e-2, switch_every=1, order="ascending", seed=1),
+  "mezo_bcd": lambda: zojax.mezo_bcd(1e-2, eps=1e-2, switch_every=1, order="ascending", key=1),
 }
 PRESET_QUERIES = {"mezo": 2, "zo_muon": 2, "zo_muon_lm": 2, "mezo_bcd": 1}
 
@@ -1128,7 +1134,7 @@ def test_zo_muon_step_memory_is_below_a_weight_copy(model):
   # the low-rank product, the perturbed layer, the next one), not a copy (1.0).
   loss, params = MEM_MODELS[model]
   dims = {"w": MuonDimensionNumbers(1, 2)} if model == "scanned" else None
-  tx = zojax.zo_muon(1e-2, rank=8, num_queries=2, refresh_every=None, dimension_numbers=dims)
+  tx = zojax.zo_muon(1e-2, rank=8, num_queries=2, refresh_every=None, weight_dimension_numbers=dims)
   at_use = _step_temp_fraction(loss, params, True, tx)
   assert at_use < 0.45, f"temp = {at_use:.4f} of the weights"
 

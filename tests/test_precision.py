@@ -74,7 +74,7 @@ def test_updates_at_lr_1e6_move_bf16_weights():
 
   plain, _, _ = moved(zojax.mezo(LR))
   master, final, state = moved(zojax.master_weights(zojax.mezo(LR)))
-  rounded, _, _ = moved(optax.chain(zojax.mezo(LR), zojax.stochastic_rounding(seed=0)))
+  rounded, _, _ = moved(optax.chain(zojax.mezo(LR), zojax.stochastic_rounding(key=0)))
 
   # Round-to-nearest loses most per-step updates (each ~1e-5, the spacing ~2e-4).
   assert plain < 0.6, plain
@@ -103,7 +103,7 @@ def test_bf16_run_tracks_the_float32_loss():
     return start - float(loss(final))
 
   master = drop(zojax.master_weights(zojax.mezo(LR)))
-  rounded = drop(optax.chain(zojax.mezo(LR), zojax.stochastic_rounding(seed=0)))
+  rounded = drop(optax.chain(zojax.mezo(LR), zojax.stochastic_rounding(key=0)))
   plain = drop(zojax.mezo(LR))
   assert abs(master - fp32_drop) <= 0.25 * fp32_drop, (master, fp32_drop)
   assert abs(rounded - fp32_drop) <= 0.25 * fp32_drop, (rounded, fp32_drop)

@@ -27,7 +27,7 @@ def regression_problem():
 
 def test_mezo_lowers_regression_loss():
   params, loss, _ = regression_problem()
-  tx = zojax.mezo(learning_rate=0.02, seed=0)
+  tx = zojax.mezo(learning_rate=0.02, key=0)
 
   run = scan_steps(tx, loss, 400)
 
@@ -51,8 +51,8 @@ def test_mezo_weight_decay_skips_vectors():
 def test_mezo_is_sgd_on_the_estimate_with_schedule():
   params, loss, batch = regression_problem()
   schedule = optax.linear_schedule(0.1, 0.0, 10)
-  tx = zojax.mezo(learning_rate=schedule, loss_fn=loss, seed=3)
-  ref = zojax.zo_grad(loss, seed=3)
+  tx = zojax.mezo(learning_rate=schedule, loss_fn=loss, key=3)
+  ref = zojax.zo_grad(loss, key=3)
   state, ref_state = tx.init(params), ref.init(params)
   for t in range(3):
     updates, state = tx.update(None, state, params, batch=batch)

@@ -42,7 +42,7 @@ def test_lifted_perturbation_covariance_is_the_projector():
   # With a fixed Haar basis P (out x r), the lifted direction is U P^T, whose
   # covariance is I_in (x) P P^T; for a linear loss the mean estimate is
   # therefore G P P^T.
-  tx = zojax.subspace(zojax.zo_grad(seed=1), rank=2, refresh_every=None, seed=2)
+  tx = zojax.subspace(zojax.zo_grad(key=1), rank=2, refresh_every=None, key=2)
   p = tx.init(PARAMS).bases[0]
   chex.assert_shape(p, (FAN_OUT, 2))
   np.testing.assert_allclose(p.T @ p, np.eye(2), atol=1e-5)
@@ -53,7 +53,7 @@ def test_lifted_perturbation_covariance_is_the_projector():
 def test_lifted_direction_second_moment():
   # Direct covariance check: for a one-hot linear loss e_j, c = <e_j, D> and the
   # estimate is D_j * D, whose mean is column j of Cov(vec D) = I (x) P P^T.
-  tx = zojax.subspace(zojax.zo_grad(seed=4), rank=3, refresh_every=None, seed=5)
+  tx = zojax.subspace(zojax.zo_grad(key=4), rank=3, refresh_every=None, key=5)
   p = np.asarray(tx.init(PARAMS).bases[0])
   cov = np.kron(np.eye(FAN_IN), p @ p.T)
   for j in (0, 7, 13):
@@ -70,7 +70,7 @@ def test_lozo_one_over_r_is_unbiased_over_v():
   # makes it G.
   rank = 2
   tx = zojax.subspace(
-    zojax.zo_grad(seed=1), rank=rank, refresh_every=1, side="in", basis="gaussian", seed=3
+    zojax.zo_grad(key=1), rank=rank, refresh_every=1, side="in", basis="gaussian", key=3
   )
   samples = estimates(tx, linear_loss, num=8000, subspace_count=lambda i: i + 1) / rank
   stats.assert_mean_matches(samples, G.reshape(-1), what="LOZO 1/r")
@@ -81,12 +81,12 @@ def test_subzero_scaling():
   # an unbiased estimate over the Haar U, V.
   rank = 2
   tx = zojax.subspace(
-    zojax.zo_grad(seed=1, estimator="one_sided", eps=1.0),
+    zojax.zo_grad(key=1, estimator="one_sided", eps=1.0),
     rank=rank,
     refresh_every=1,
     side="both",
     scale="sqrt_mn_over_r",
-    seed=3,
+    key=3,
   )
   state = tx.init(PARAMS)
   sq_dist = lambda q: jnp.sum((q["w"] - X0) ** 2)  # f(X0 + eps D) - f(X0) = ||D||^2 at eps=1
@@ -99,12 +99,12 @@ def test_subzero_scaling():
   mn = FAN_IN * FAN_OUT
   stats.assert_mean_matches(sq[:, None], [mn], tight=0.25, what="E||Delta||^2")
   tx2 = zojax.subspace(
-    zojax.zo_grad(seed=1),
+    zojax.zo_grad(key=1),
     rank=rank,
     refresh_every=1,
     side="both",
     scale="sqrt_mn_over_r",
-    seed=3,
+    key=3,
   )
   samples = estimates(tx2, linear_loss, num=8000, subspace_count=lambda i: i + 1)
   stats.assert_mean_matches(samples, G.reshape(-1), what="SubZero mean")
@@ -116,10 +116,10 @@ def test_refresh_step_uses_the_perturbation_draws():
   # scalars, and (linear loss) c_i = <G, lift(U_i)> with that same basis.
   num = 3
   tx = zojax.subspace(
-    zojax.zo_grad(num_queries=num, estimator="one_sided", seed=7),
+    zojax.zo_grad(num_queries=num, estimator="one_sided", key=7),
     rank=2,
     refresh_every=4,
-    seed=8,
+    key=8,
   )
   state = tx.init(PARAMS)
   state = state._replace(count=jnp.int32(4), inner_state=state.inner_state._replace(count=4))
@@ -167,8 +167,8 @@ def test_reprojection_is_exact_for_full_rank_bases(side, basis):
   # 20 n k^2 u, holds with a wide margin (observed errors are below a tenth of
   # it) and stays far below what a wrong re-projection gives (an O(1) error).
   rank = 5
-  inner = optax.chain(zojax.zo_grad(seed=0), optax.trace(0.9))
-  tx = zojax.subspace(inner, rank=rank, refresh_every=2, side=side, basis=basis, seed=1)
+  inner = optax.chain(zojax.zo_grad(key=0), optax.trace(0.9))
+  tx = zojax.subspace(inner, rank=rank, refresh_every=2, side=side, basis=basis, key=1)
   state = tx.init(PARAMS)
   step = jax.jit(lambda s: tx.update(None, s, PARAMS, value_fn=linear_loss)[1])
   state = step(state)  # count 0 -> 1, momentum nonzero
@@ -193,10 +193,10 @@ def test_reprojection_is_exact_for_full_rank_bases(side, basis):
 
 
 def test_momentum_anchored_basis_keeps_momentum_directions():
-  inner = optax.chain(zojax.zo_grad(num_queries=2, seed=0), optax.ema(0.5))
+  inner = optax.chain(zojax.zo_grad(num_queries=2, key=0), optax.ema(0.5))
   params = {"w": jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)}
   g = jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)
-  tx = zojax.subspace(inner, rank=4, refresh_every=3, basis="momentum", anchor_rank=2, seed=1)
+  tx = zojax.subspace(inner, rank=4, refresh_every=3, basis="momentum", anchor_rank=2, key=1)
   state = tx.init(params)
   step = jax.jit(lambda s: tx.update(None, s, params, value_fn=lambda q: jnp.sum(g * q["w"]))[1])
   for _ in range(3):
@@ -227,8 +227,8 @@ def test_rank_is_clamped_and_vectors_pass_through():
 
 def test_loss_bound_inner_equals_value_fn_form():
   batch = jnp.float32(2.0)
-  bound = zojax.subspace(zojax.zo_grad(lambda p, b: b * linear_loss(p), seed=3), rank=2, seed=4)
-  free = zojax.subspace(zojax.zo_grad(seed=3), rank=2, seed=4)
+  bound = zojax.subspace(zojax.zo_grad(lambda p, b: b * linear_loss(p), key=3), rank=2, key=4)
+  free = zojax.subspace(zojax.zo_grad(key=3), rank=2, key=4)
   a = bound.update(None, bound.init(PARAMS), PARAMS, batch=batch)[0]
   b = free.update(None, free.init(PARAMS), PARAMS, value_fn=lambda p: batch * linear_loss(p))[0]
   chex.assert_trees_all_equal(a, b)
@@ -310,8 +310,8 @@ def test_batch_axes_give_every_slice_its_own_basis(side, basis):
     refresh_every=None,
     side=side,
     basis=basis,
-    dimension_numbers=STACKED_DIMS,
-    seed=3,
+    weight_dimension_numbers=STACKED_DIMS,
+    key=3,
   )
   state = tx.init(STACKED)
   grads = {"w": G3, "b": jnp.ones((NUM_SLICES, FAN_OUT))}
@@ -352,7 +352,7 @@ def test_transposed_view_puts_the_basis_on_the_first_axis():
     optax.identity(),
     rank=2,
     refresh_every=None,
-    dimension_numbers={"e": MuonDimensionNumbers(reduction_axis=1, output_axis=0)},
+    weight_dimension_numbers={"e": MuonDimensionNumbers(reduction_axis=1, output_axis=0)},
   )
   state = tx.init(table)
   p = np.asarray(state.bases[0], np.float64)
@@ -365,7 +365,7 @@ def test_batch_axes_estimate_is_each_slices_projector():
   # The ZO estimate of a linear loss <G3, W> has mean G3[i] P_i P_i^T on every
   # slice: the slices are perturbed and lifted independently.
   tx = zojax.subspace(
-    zojax.zo_grad(seed=1), rank=2, refresh_every=None, dimension_numbers=STACKED_DIMS, seed=2
+    zojax.zo_grad(key=1), rank=2, refresh_every=None, weight_dimension_numbers=STACKED_DIMS, key=2
   )
   state = tx.init(STACKED)
   loss = lambda p: jnp.sum(G3 * p["w"]) + jnp.sum(p["b"])
@@ -392,8 +392,8 @@ def test_zo_muon_orthogonalizes_each_slice_and_steps_stacked_vectors_as_vectors(
     refresh_every=None,
     num_queries=4,
     vector_learning_rate=0.0,
-    dimension_numbers=STACKED_DIMS,
-    seed=5,
+    weight_dimension_numbers=STACKED_DIMS,
+    key=5,
   )
   loss = lambda p: jnp.sum(G3 * p["w"]) + jnp.sum(jnp.sin(p["b"]))
   updates, _ = jax.jit(lambda s: tx.update(None, s, STACKED, value_fn=loss))(tx.init(STACKED))

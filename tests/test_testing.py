@@ -26,9 +26,9 @@ def _stepped(tx, steps=2):
 
 
 PRESETS = {
-  "mezo": lambda seed: zojax.mezo(1e-2, seed=seed),
-  "zo_muon": lambda seed: zojax.zo_muon(1e-2, rank=2, seed=seed),
-  "mezo_bcd": lambda seed: zojax.mezo_bcd(1e-2, switch_every=1, seed=seed),
+  "mezo": lambda seed: zojax.mezo(1e-2, key=seed),
+  "zo_muon": lambda seed: zojax.zo_muon(1e-2, rank=2, key=seed),
+  "mezo_bcd": lambda seed: zojax.mezo_bcd(1e-2, switch_every=1, key=seed),
 }
 
 
@@ -56,7 +56,7 @@ def test_another_seed_is_caught(name):
 
 
 def test_another_step_count_is_caught():
-  tx = zojax.mezo(1e-2, seed=0)
+  tx = zojax.mezo(1e-2, key=0)
   with pytest.raises(AssertionError):
     testing.assert_states_equal(_stepped(tx, 1), _stepped(tx, 2))
 
@@ -71,7 +71,7 @@ def test_keys_and_counters_are_exact_under_any_tolerance():
 
 
 def test_tolerances_apply_to_float_leaves_only():
-  state = zojax.zo_grad(seed=0).init(PARAMS)
+  state = zojax.zo_grad(key=0).init(PARAMS)
   nudged = state._replace(loss=jnp.float32(1.0))
   state = state._replace(loss=jnp.float32(1.0 + 1e-5))
   testing.assert_states_close(state, nudged, rtol=1e-4)
@@ -109,7 +109,7 @@ def test_works_on_optax_add_noise_state():
 
 
 def test_works_under_jit():
-  tx = zojax.mezo(1e-2, seed=0)
+  tx = zojax.mezo(1e-2, key=0)
 
   @jax.jit
   def step(params, state):

@@ -30,7 +30,7 @@ def _loss(apply_fn, x, y):
 
 
 def test_step_equals_a_direct_tx_update():
-  tx = zojax.mezo(1e-2, seed=0)
+  tx = zojax.mezo(1e-2, key=0)
   state = ZOTrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=tx)
   new = jax.jit(lambda s: s.apply_loss(value_fn=_loss(s.apply_fn, X, Y)))(state)
   updates, opt_state = tx.update(None, tx.init(PARAMS), PARAMS, value_fn=_loss(MODEL.apply, X, Y))
@@ -44,18 +44,18 @@ def test_step_equals_a_direct_tx_update():
 def test_extra_arguments_reach_tx_update():
   # A loss bound in zo_grad takes the batch as update(..., batch=...).
   bound = lambda p, batch: _loss(MODEL.apply, *batch)(p)
-  tx = optax.chain(zojax.zo_grad(bound, seed=0), optax.sgd(1e-2))
+  tx = optax.chain(zojax.zo_grad(bound, key=0), optax.sgd(1e-2))
   state = ZOTrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=tx)
   by_batch = state.apply_loss(batch=(X, Y))
   by_value_fn = ZOTrainState.create(
-    apply_fn=MODEL.apply, params=PARAMS, tx=optax.chain(zojax.zo_grad(seed=0), optax.sgd(1e-2))
+    apply_fn=MODEL.apply, params=PARAMS, tx=optax.chain(zojax.zo_grad(key=0), optax.sgd(1e-2))
   ).apply_loss(value_fn=_loss(MODEL.apply, X, Y))
   chex.assert_trees_all_close(by_batch.params, by_value_fn.params, rtol=1e-6)
   assert not jnp.allclose(by_batch.params["Dense_0"]["kernel"], PARAMS["Dense_0"]["kernel"])
 
 
 def test_the_loss_goes_down():
-  state = ZOTrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=zojax.mezo(5e-2, seed=0))
+  state = ZOTrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=zojax.mezo(5e-2, key=0))
   loss = _loss(MODEL.apply, X, Y)
 
   @jax.jit
@@ -68,7 +68,7 @@ def test_the_loss_goes_down():
 
 
 def test_function_form_works_on_a_plain_train_state():
-  tx = zojax.mezo(1e-2, seed=0)
+  tx = zojax.mezo(1e-2, key=0)
   plain = train_state.TrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=tx)
   ours = ZOTrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=tx)
   loss = _loss(MODEL.apply, X, Y)

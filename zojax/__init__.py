@@ -4,6 +4,7 @@ Fine-tune a network from forward passes alone, with the memory of inference.
 """
 
 from zojax import (
+  accumulation,
   array_leaves,
   block_coordinates,
   hyperparams,
@@ -18,6 +19,7 @@ from zojax import (
   train_state,
   trajectory,
 )
+from zojax.accumulation import MultiStepsState, multi_steps
 from zojax.array_leaves import check_array_leaves
 from zojax.block_coordinates import (
   BlockCoordinateState,
@@ -60,6 +62,9 @@ from zojax.train_state import ZOTrainState
 __version__ = "0.1.0"
 
 __all__ = [
+  "accumulation",
+  "MultiStepsState",
+  "multi_steps",
   "array_leaves",
   "check_array_leaves",
   "equinox_dimension_numbers",

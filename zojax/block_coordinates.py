@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zojax import array_leaves, hyperparams, perturb_at_use
+from zojax import _deprecations, array_leaves, hyperparams, perturb_at_use
 from zojax import keys as keys_lib
 
 ORDERS = ("random", "ascending", "descending")
@@ -48,7 +48,7 @@ class BlockCoordinateState(NamedTuple):
 
   Attributes:
     count: number of steps taken (int32).
-    key: the `jax.random` key of the block order (a stream of the ``seed``
+    key: the `jax.random` key of the block order (a stream of the ``key`` argument
       named ``"block_coordinate"``, see `zojax.keys.stream_key`). Never
       advanced; epoch ``e`` of the random order is drawn from
       ``fold_in(key, e)``.
@@ -439,7 +439,8 @@ def block_coordinate(
   *,
   switch_every: int = 100,
   order: str = "random",
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
+  seed: keys_lib.KeyLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Block-coordinate descent: runs ``inner`` on one block of leaves per step.
 
@@ -533,7 +534,8 @@ def block_coordinate(
       parameters, or a callable returning one.
     switch_every: steps between block switches, ``K >= 1``.
     order: ``"random"``, ``"ascending"`` or ``"descending"``.
-    seed: an integer seed or a `jax.random` key for the block order.
+    key: an integer or a `jax.random` key for the block order (``seed=``, its
+      former name, is deprecated).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with state
@@ -558,12 +560,13 @@ def block_coordinate(
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
   """
+  key = _deprecations.renamed("zojax.block_coordinate", "key", key, "seed", seed, 0)
   if not isinstance(inner, optax.GradientTransformation | optax.GradientTransformationExtraArgs):
     raise TypeError(f"inner must be an optax GradientTransformation, got {type(inner).__name__}.")
   switch_every = _check_switch_every(switch_every)
   _check_order(order)
   inner = optax.with_extra_args_support(inner)
-  key = keys_lib.stream_key(keys_lib.as_key(seed), "block_coordinate")
+  key = keys_lib.stream_key(keys_lib.as_key(key), "block_coordinate")
 
   def schedule(count, num_blocks):
     return active_block(count, num_blocks, switch_every=switch_every, order=order, key=key)

@@ -502,13 +502,13 @@ def restore(
     >>> import jax.numpy as jnp, optax, orbax.checkpoint as ocp, zojax
     >>> from zojax import checkpointing
     >>> params = {"w": jnp.ones((3, 2))}
-    >>> tx = zojax.mezo(learning_rate=1e-2, seed=0)
+    >>> tx = zojax.mezo(learning_rate=1e-2, key=0)
     >>> state = tx.init(params)
     >>> _, state = tx.update(None, state, params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
     >>> with tempfile.TemporaryDirectory() as directory:
     ...   with ocp.CheckpointManager(directory) as manager:
     ...     _ = checkpointing.save(manager, 1, params, state, config={"lr": 1e-2})
-    ...   fresh = zojax.mezo(learning_rate=1e-2, seed=0).init(params)
+    ...   fresh = zojax.mezo(learning_rate=1e-2, key=0).init(params)
     ...   with ocp.CheckpointManager(directory) as manager:
     ...     params, state = checkpointing.restore(manager, None, params, fresh, config={"lr": 1e-2})
     >>> int(state[0].count)

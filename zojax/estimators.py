@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import core as jex_core
 
-from zojax import array_leaves, hyperparams, perturb_at_use, perturbations
+from zojax import _deprecations, array_leaves, hyperparams, perturb_at_use, perturbations
 from zojax import keys as keys_lib
 
 ESTIMATORS = ("two_sided", "one_sided")
@@ -316,6 +316,23 @@ def _update_c_mean_square(c_mean_square, c_count, c, ok, decay):
   return mean.astype(jnp.float32), count
 
 
+def _check_no_updates(updates) -> None:
+  """Raises if ``updates`` holds arrays: the estimator takes no incoming gradient."""
+  leaves = jax.tree.leaves(updates)
+  if not leaves:
+    return
+  raise ValueError(
+    "zo_grad computes the gradient itself, from the loss, so it takes updates=None, but it "
+    f"received a tree of {len(leaves)} arrays. Pass None: tx.update(None, state, params, "
+    "value_fn=loss). If a transform before the estimator made them, put it after the "
+    "estimator: optax.chain(zojax.zo_grad(), optax.clip_by_global_norm(1.0), optax.sgd(lr)). "
+    "optax.MultiSteps and optax.apply_if_finite cannot wrap a zojax optimizer (they read "
+    "the incoming updates, which are None here): accumulate with zojax.multi_steps(tx, k); "
+    "non-finite steps are already skipped by the estimator. See 'Wrappers' in the optax "
+    "page of the docs."
+  )
+
+
 def _replay(projected_grads, config: _Config, value_fn, batch):
   """A recorded step's ``(loss, c, ok)``: NaN, the ``c_i`` as recorded, True."""
   if value_fn is not None or batch is not _MISSING:
@@ -341,11 +358,12 @@ def zo_grad(
   distribution: str = "gaussian",
   mask: perturbations.Mask = None,
   vectorize: bool = False,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   perturb_at_use: bool = True,
   clip_c: float | None = None,
   clip_decay: float = 0.99,
+  seed: keys_lib.KeyLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Zeroth-order (SPSA) gradient estimate from forward passes only.
 
@@ -378,8 +396,12 @@ def zo_grad(
     as ``update(..., batch=batch)``, calling ``loss_fn(params, batch)`` (or
     ``loss_fn(params)`` when no batch is given).
 
-  The incoming ``updates`` are ignored (``None`` is accepted): the estimate
-  replaces them. ``params`` is required.
+  There is no incoming gradient: pass ``updates=None`` (a tree with array
+  leaves raises, since it means a transform of the gradient was placed
+  before the estimator, where it has nothing to act on). ``params`` is
+  required. Wrappers that read the incoming updates (`optax.MultiSteps`,
+  `optax.apply_if_finite`, `optax.masked`) cannot wrap the estimator; see
+  `zojax.multi_steps` for gradient accumulation.
 
   Replay: ``update(..., projected_grads=c)`` with the ``c_i`` a step
   recorded (``state.projected_grads`` after it, see `zojax.trajectory`)
@@ -452,7 +474,8 @@ def zo_grad(
     loss_fn: optional loss ``loss_fn(params, batch) -> scalar`` bound at
       construction; if None, ``value_fn`` must be passed to ``update``.
     num_queries: number of directions per step, ``N >= 1``; None means 1.
-    eps: perturbation scale ``epsilon > 0``.
+    eps: the perturbation scale ``epsilon > 0`` of the MeZO and SPSA papers
+      (not optax's stability constant).
     estimator: ``"two_sided"`` (MeZO) or ``"one_sided"`` (shared baseline).
     distribution: direction distribution, ``"gaussian"``, ``"rademacher"``
       or ``"sphere"`` (uniform on the sphere of radius ``sqrt(d)``).
@@ -461,7 +484,7 @@ def zo_grad(
       leaves are not perturbed and get zero updates. Integer and boolean
       leaves must be masked out.
     vectorize: evaluate the queries with `vmap` instead of `lax.map`.
-    seed: an integer seed or a `jax.random` key for the state.
+    key: an integer or a `jax.random` key for the state (``seed=``, its former name, is deprecated).
     axis_name: for data parallelism under `jax.pmap` or `jax.shard_map`: the
       mapped axis the batch is split over. Every replica holds the same key,
       so all draw the same directions; only the loss values are averaged
@@ -489,20 +512,28 @@ def zo_grad(
   Raises:
     ValueError: at construction for ``num_queries < 1``, ``eps <= 0``,
       ``clip_c <= 1``, ``clip_decay`` outside [0, 1) or an unknown
-      estimator/distribution; at trace time for a missing loss or a loss
-      that is not a scalar.
-    TypeError: at construction for a seed that is neither an integer nor a
-      key; at trace time for a non-floating leaf that is not masked out.
+      estimator/distribution; at trace time for a missing loss, a loss
+      that is not a scalar, or incoming ``updates`` that hold arrays.
+    TypeError: at construction for a ``key`` that is neither an integer nor a
+      key; at ``init`` for parameters with `optax.MaskedNode` placeholders
+      (inside `optax.masked` or `optax.multi_transform`); at trace time for a
+      non-floating leaf that is not masked out.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones(3)}
-    >>> loss = lambda p: jnp.sum(p["w"] ** 2)
-    >>> tx = optax.chain(zojax.zo_grad(num_queries=2, seed=0), optax.sgd(0.1))
+    >>> loss = lambda p, x: jnp.sum((p["w"] * x) ** 2)
+    >>> tx = optax.chain(zojax.zo_grad(num_queries=2, key=0), optax.sgd(0.1))
     >>> state = tx.init(params)
-    >>> updates, state = tx.update(None, state, params, value_fn=loss)
-    >>> params = optax.apply_updates(params, updates)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
+    >>> int(state[0].count)
+    1
   """
+  key = _deprecations.renamed("zojax.zo_grad", "key", key, "seed", seed, 0)
   num_queries = hyperparams.integer(
     "num_queries", 1 if num_queries is None else num_queries, minimum=1
   )
@@ -532,9 +563,10 @@ def zo_grad(
     axis_name,
     bool(perturb_at_use),
   )
-  key = keys_lib.as_key(seed)
+  key = keys_lib.as_key(key)
 
   def init_fn(params):
+    perturbations.check_not_masked(params)
     array_leaves.check_array_leaves(params)
     if static_queries is None:
       raise ValueError(
@@ -578,7 +610,8 @@ def zo_grad(
     projected_grads=None,
     **extra_args,
   ):
-    del updates, extra_args
+    del extra_args
+    _check_no_updates(updates)
     if params is None:
       raise ValueError("zo_grad needs params: call update(updates, state, params, ...).")
     array_leaves.check_array_leaves(params)

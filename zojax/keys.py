@@ -27,11 +27,11 @@ KeyLike = int | jax.Array
 __all__ = ["as_key", "stream_key", "step_key", "query_key", "leaf_keys", "KeyLike"]
 
 
-def as_key(seed: KeyLike) -> jax.Array:
-  """Returns a typed `jax.random` key from an integer seed or a key.
+def as_key(key: KeyLike) -> jax.Array:
+  """Returns a typed `jax.random` key from an integer seed or a key (a ``key=`` argument).
 
   Args:
-    seed: an integer (Python, NumPy or a scalar integer array), a typed key
+    key: an integer (Python, NumPy or a scalar integer array), a typed key
       (`jax.random.key`), or a raw uint32 key of shape (2,)
       (`jax.random.PRNGKey`).
 
@@ -39,24 +39,24 @@ def as_key(seed: KeyLike) -> jax.Array:
     A typed key array of shape ().
 
   Raises:
-    TypeError: if ``seed`` is neither an integer nor a key.
+    TypeError: if ``key`` is neither an integer nor a key.
   """
-  if isinstance(seed, (jax.Array, np.ndarray)):
-    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-      if seed.shape != ():
-        raise TypeError(f"seed must be a single key, got a key array of shape {seed.shape}.")
-      return seed
-    if seed.dtype == jnp.uint32 and seed.shape == (2,):
-      return jax.random.wrap_key_data(jnp.asarray(seed))
-    if jnp.issubdtype(seed.dtype, jnp.integer) and seed.shape == ():
-      return jax.random.key(seed)
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      if key.shape != ():
+        raise TypeError(f"key must be a single key, got a key array of shape {key.shape}.")
+      return key
+    if key.dtype == jnp.uint32 and key.shape == (2,):
+      return jax.random.wrap_key_data(jnp.asarray(key))
+    if jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():
+      return jax.random.key(key)
     raise TypeError(
-      "seed must be an integer or a jax.random key, got an array of dtype "
-      f"{seed.dtype} and shape {seed.shape}."
+      "key must be an integer or a jax.random key, got an array of dtype "
+      f"{key.dtype} and shape {key.shape}."
     )
-  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-    return jax.random.key(int(seed))
-  raise TypeError(f"seed must be an integer or a jax.random key, got {seed!r}.")
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  raise TypeError(f"key must be an integer or a jax.random key, got {key!r}.")
 
 
 def stream_key(key: jax.Array, name: str) -> jax.Array:

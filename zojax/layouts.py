@@ -67,7 +67,7 @@ def equinox_dimension_numbers(params: Any) -> Any:
     axes). Give explicit numbers for custom matrix leaves stored
     ``(out, in)``.
 
-  Pass the result as ``dimension_numbers=`` to `zojax.subspace`,
+  Pass the result as ``weight_dimension_numbers=`` to `zojax.subspace`,
   `zojax.orthogonalize` or the subspace presets.
 
   Args:
@@ -90,7 +90,7 @@ def equinox_dimension_numbers(params: Any) -> Any:
     >>> dims = zojax.equinox_dimension_numbers(params)
     >>> dims.layers[0].weight
     MuonDimensionNumbers(reduction_axis=1, output_axis=0)
-    >>> tx = zojax.zo_muon(1e-2, rank=4, dimension_numbers=dims)
+    >>> tx = zojax.zo_muon(1e-2, rank=4, weight_dimension_numbers=dims)
   """
   import equinox as eqx  # Only here: zojax does not depend on Equinox.
 

@@ -33,7 +33,7 @@ import optax
 from optax import contrib as optax_contrib
 from optax.contrib import MuonDimensionNumbers
 
-from zojax import hyperparams
+from zojax import _deprecations, hyperparams
 from zojax import keys as keys_lib
 
 try:  # Exported from optax.contrib in newer releases; optax 0.2.8 keeps it in _muon.
@@ -115,7 +115,7 @@ def _check_dimension_numbers_tree(tree) -> None:
   for leaf in jax.tree.leaves(tree, is_leaf=_is_dim_nums_leaf):
     if not _is_dim_nums_leaf(leaf):
       raise TypeError(
-        "dimension_numbers must be None, a MuonDimensionNumbers, a pytree of "
+        "weight_dimension_numbers must be None, a MuonDimensionNumbers, a pytree of "
         "MuonDimensionNumbers / None, or a callable returning one; found an entry "
         f"{leaf!r} of type {type(leaf).__name__}."
       )
@@ -159,7 +159,7 @@ def resolve_dimension_numbers(dimension_numbers: DimensionNumbers, tree: optax.P
     return jax.tree.map(broadcast, dimension_numbers, tree, is_leaf=_is_dim_nums_leaf)
   except ValueError as e:
     raise ValueError(
-      "The structure of dimension_numbers must be a prefix of the params' structure: "
+      "The structure of weight_dimension_numbers must be a prefix of the params' structure: "
       f"{jax.tree.structure(dimension_numbers, is_leaf=_is_dim_nums_leaf)} vs "
       f"{jax.tree.structure(tree)}."
     ) from e
@@ -413,7 +413,9 @@ def orthogonalize(
   ns_coeffs: Sequence[float] | chex.Array = DEFAULT_NS_COEFFS,
   eps: float = 1e-8,
   rank: int | None = None,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
+  weight_dimension_numbers: DimensionNumbers = None,
+  seed: keys_lib.KeyLike | None = None,
   dimension_numbers: DimensionNumbers = None,
 ) -> optax.GradientTransformation:
   r"""Replaces each matrix-shaped update ``G`` by an orthogonalized version.
@@ -452,13 +454,15 @@ def orthogonalize(
     eps: added to ``||G||_F`` before the Newton-Schulz normalisation.
     rank: the power-iteration rank ``k >= 1`` (required for, and only for,
       ``"power_iteration"``); clamped per leaf to ``min(fan_in, fan_out)``.
-    seed: an integer seed or a `jax.random` key for the initial ``V``
-      (``"power_iteration"`` only; one key per leaf via `zojax.keys.leaf_keys`).
-    dimension_numbers: the matrix view of each leaf: None (default rule, see
+    key: an integer or a `jax.random` key for the initial ``V``
+      (``"power_iteration"`` only; one key per leaf via `zojax.keys.leaf_keys`;
+      ``seed=``, its former name, is deprecated).
+    weight_dimension_numbers: the matrix view of each leaf: None (default rule, see
       `default_dimension_numbers`), a `MuonDimensionNumbers`, a pytree of them
       (None entries pass through) or a callable ``params -> pytree``, as
       optax.contrib.muon's ``muon_weight_dimension_numbers``. The callable is
       called with the params at ``init`` and the updates at ``update``.
+      (``dimension_numbers=``, its former name, is deprecated.)
 
   Returns:
     An `optax.GradientTransformation`; its state is `optax.EmptyState` except
@@ -470,7 +474,7 @@ def orthogonalize(
       method, ``ns_steps < 1``, badly shaped ``ns_coeffs`` or ``eps < 0``; at
       ``init``/``update`` for bad axes or a dimension-number tree that does not
       match the params.
-    TypeError: for a seed that is neither an integer nor a key, or a
+    TypeError: for a ``key`` that is neither an integer nor a key, or a
       dimension-number entry that is not a `MuonDimensionNumbers` or None.
 
   Examples:
@@ -480,15 +484,25 @@ def orthogonalize(
     >>> updates, state = tx.update(params, tx.init(params), params)
     >>> updates["w"].shape, bool(jnp.all(updates["b"] == -0.02))
     ((4, 3), True)
-    >>> tx = orthogonalize("power_iteration", rank=2, seed=0)
+    >>> tx = orthogonalize("power_iteration", rank=2, key=0)
     >>> updates, state = tx.update(params, tx.init(params), params)
     >>> state.v["w"].shape, round(float(jnp.linalg.norm(updates["w"])) ** 2, 3)
     ((1, 4, 2), 2.0)
   """
+  key = _deprecations.renamed("zojax.orthogonalize", "key", key, "seed", seed, 0)
+  weight_dimension_numbers = _deprecations.renamed(
+    "zojax.orthogonalize",
+    "weight_dimension_numbers",
+    weight_dimension_numbers,
+    "dimension_numbers",
+    dimension_numbers,
+  )
   ns_steps, eps, rank = _check_construction(method, ns_steps, ns_coeffs, eps, rank)
-  if not isinstance(dimension_numbers, MuonDimensionNumbers) and not callable(dimension_numbers):
-    _check_dimension_numbers_tree(dimension_numbers)
-  key = keys_lib.as_key(seed) if method == "power_iteration" else None
+  if not isinstance(weight_dimension_numbers, MuonDimensionNumbers) and not callable(
+    weight_dimension_numbers
+  ):
+    _check_dimension_numbers_tree(weight_dimension_numbers)
+  key = keys_lib.as_key(key) if method == "power_iteration" else None
   coeffs = np.asarray(ns_coeffs, np.float32)
 
   def orthogonalize_matrix(x: jax.Array) -> jax.Array:
@@ -507,7 +521,7 @@ def orthogonalize(
         "outside jit."
       )
     leaves, treedef = jax.tree.flatten(params)
-    dims = treedef.flatten_up_to(resolve_dimension_numbers(dimension_numbers, params))
+    dims = treedef.flatten_up_to(resolve_dimension_numbers(weight_dimension_numbers, params))
     leaf_keys = keys_lib.leaf_keys(key, params)
     vs = []
     for i, (x, dn) in enumerate(zip(leaves, dims)):
@@ -524,7 +538,7 @@ def orthogonalize(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    dims = treedef.flatten_up_to(resolve_dimension_numbers(dimension_numbers, updates))
+    dims = treedef.flatten_up_to(resolve_dimension_numbers(weight_dimension_numbers, updates))
     if method == "power_iteration":
       vs = treedef.flatten_up_to(state.v)
     else:

@@ -44,6 +44,7 @@ Mask = Any | Callable[[Any], Any] | None
 __all__ = [
   "DISTRIBUTIONS",
   "check_distribution",
+  "check_not_masked",
   "resolve_mask",
   "perturbable_leaves",
   "sample_direction",
@@ -103,6 +104,29 @@ def resolve_mask(mask: Mask, params) -> list[bool]:
   return out
 
 
+def check_not_masked(params) -> None:
+  """Raises a clear error if ``params`` holds `optax.MaskedNode` placeholders.
+
+  `optax.masked` and `optax.multi_transform` hand the transform they wrap
+  only the leaves of its label, with `optax.MaskedNode` in place of the
+  others. A ZO estimator evaluates the loss, which needs every parameter, so
+  it cannot run there.
+
+  Raises:
+    TypeError: naming the wrappers and the supported way to freeze leaves.
+  """
+  is_masked_node = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  if any(is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=is_masked_node)):
+    raise TypeError(
+      "The parameters contain optax.MaskedNode placeholders: a zojax estimator was wrapped "
+      "in optax.masked or optax.multi_transform, which hide the other leaves from it, but "
+      "the loss needs every parameter. To train some leaves and freeze the others, pass "
+      "mask= to the estimator or preset (zojax.mezo(lr, mask={'w': True, 'b': False})): "
+      "masked-out leaves are neither perturbed nor updated. Use optax.masked and "
+      "optax.multi_transform only for transforms after the estimator."
+    )
+
+
 def perturbable_leaves(params, mask: Mask = None) -> list[bool]:
   """Validates ``params`` for perturbation and returns the resolved mask.
 
@@ -119,14 +143,7 @@ def perturbable_leaves(params, mask: Mask = None) -> list[bool]:
       `optax.MaskedNode` placeholders (the estimator was wrapped in
       `optax.masked`, which hides leaves the loss needs).
   """
-  is_masked_node = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-  if any(is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=is_masked_node)):
-    raise TypeError(
-      "The parameters contain optax.MaskedNode placeholders: a ZO estimator "
-      "cannot run inside optax.masked, because the loss needs every parameter. "
-      "Pass mask=... to the estimator instead, and use optax.masked only for "
-      "transforms after it."
-    )
+  check_not_masked(params)
   flags = resolve_mask(mask, params)
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, leaf), flag in zip(paths, flags):

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zojax import _deprecations
 from zojax import keys as keys_lib
 
 __all__ = [
@@ -225,7 +226,9 @@ class StochasticRoundingState(NamedTuple):
   key: jax.Array
 
 
-def stochastic_rounding(seed: keys_lib.KeyLike = 0) -> optax.GradientTransformation:
+def stochastic_rounding(
+  key: keys_lib.KeyLike = 0, *, seed: keys_lib.KeyLike | None = None
+) -> optax.GradientTransformation:
   r"""Makes the next `optax.apply_updates` round ``theta + u`` stochastically.
 
   Place it last in a chain, after the learning rate. For each low-precision
@@ -240,10 +243,10 @@ def stochastic_rounding(seed: keys_lib.KeyLike = 0) -> optax.GradientTransformat
   and updates far below the dtype's spacing still move the weights on
   average. Float32 (and wider) leaves pass through unchanged. Step ``t``
   draws from ``fold_in(key, t)`` split per leaf, with the key from the
-  ``"stochastic_rounding"`` stream of ``seed``.
+  ``"stochastic_rounding"`` stream of ``key``.
 
   Args:
-    seed: an integer seed or a `jax.random` key.
+    key: an integer or a `jax.random` key (``seed=``, its former name, is deprecated).
 
   Returns:
     An `optax.GradientTransformation` with state `StochasticRoundingState`.
@@ -255,13 +258,14 @@ def stochastic_rounding(seed: keys_lib.KeyLike = 0) -> optax.GradientTransformat
     >>> import jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.full(4, 0.1, jnp.bfloat16)}
     >>> loss = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2)
-    >>> tx = optax.chain(zojax.mezo(1e-6), zojax.stochastic_rounding(seed=0))
+    >>> tx = optax.chain(zojax.mezo(1e-6), zojax.stochastic_rounding(key=0))
     >>> state = tx.init(params)
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> optax.apply_updates(params, updates)["w"].dtype
     dtype(bfloat16)
   """
-  key = keys_lib.stream_key(keys_lib.as_key(seed), "stochastic_rounding")
+  key = _deprecations.renamed("zojax.stochastic_rounding", "key", key, "seed", seed, 0)
+  key = keys_lib.stream_key(keys_lib.as_key(key), "stochastic_rounding")
 
   def init_fn(params):
     _check_some_narrow(params, jnp.float32, "stochastic_rounding")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zojax import hyperparams, orthogonalizers, perturbations
+from zojax import _deprecations, hyperparams, orthogonalizers, perturbations
 from zojax import keys as keys_lib
 from zojax.block_coordinates import Blocks, block_coordinate
 from zojax.estimators import zo_grad
@@ -75,9 +75,10 @@ def mezo(
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
   vectorize: bool = False,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   clip_c: float | None = None,
+  seed: keys_lib.KeyLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO: memory-efficient zeroth-order SGD (Malladi et al., arXiv 2305.17333).
 
@@ -104,7 +105,7 @@ def mezo(
 
   Args:
     learning_rate: ``eta``, a float or an optax schedule.
-    eps: perturbation scale.
+    eps: the perturbation scale epsilon (see `zojax.zo_grad`).
     weight_decay: ``lambda``, applied to leaves with ``ndim >= 2``.
     num_queries: directions per step (n-SPSA; the estimate is their mean);
       None means 1.
@@ -112,8 +113,7 @@ def mezo(
     mask: leaves to train (see `zojax.zo_grad`); others are left unchanged.
     loss_fn: optional loss bound at construction (see `zojax.zo_grad`).
     vectorize: evaluate the queries with `vmap`.
-    seed: an integer seed or a `jax.random` key.
-
+    key: an integer or a `jax.random` key (``seed=``, its former name, is deprecated).
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
     clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
@@ -125,14 +125,18 @@ def mezo(
     ``batch=`` when ``loss_fn`` is bound) to ``update``.
 
   Examples:
-    >>> import jax.numpy as jnp, optax, zojax
+    >>> import jax, jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
-    >>> loss = lambda p: jnp.sum((p["w"] @ jnp.ones(2) + p["b"]) ** 2)
-    >>> tx = zojax.mezo(learning_rate=1e-2, weight_decay=1e-4)
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.mezo(learning_rate=1e-2, weight_decay=1e-4, key=0)
     >>> state = tx.init(params)
-    >>> updates, state = tx.update(None, state, params, value_fn=loss)
-    >>> params = optax.apply_updates(params, updates)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(2))
   """
+  key = _deprecations.renamed("zojax.mezo", "key", key, "seed", seed, 0)
   learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
   weight_decay = hyperparams.real("weight_decay", weight_decay, low=0.0)
   return optax.chain(
@@ -144,7 +148,7 @@ def mezo(
       distribution=distribution,
       mask=mask,
       vectorize=vectorize,
-      seed=seed,
+      key=key,
       axis_name=axis_name,
       clip_c=clip_c,
     ),
@@ -156,6 +160,8 @@ def mezo(
 def split_learning_rates(
   matrix_learning_rate: optax.ScalarOrSchedule,
   vector_learning_rate: optax.ScalarOrSchedule,
+  weight_dimension_numbers=None,
+  *,
   dimension_numbers=None,
 ) -> optax.GradientTransformation:
   """Descent step with one learning rate for matrix leaves, another for the rest.
@@ -168,13 +174,20 @@ def split_learning_rates(
   Args:
     matrix_learning_rate: for leaves with a matrix view.
     vector_learning_rate: for the others.
-    dimension_numbers: which leaves are matrices, as for `zojax.subspace`
+    weight_dimension_numbers: which leaves are matrices, as for `zojax.subspace`
       (None: the default rule, every leaf with ``ndim >= 2``; a None entry
       marks a leaf that is not, e.g. the stacked biases of scanned layers).
   """
+  weight_dimension_numbers = _deprecations.renamed(
+    "zojax.split_learning_rates",
+    "weight_dimension_numbers",
+    weight_dimension_numbers,
+    "dimension_numbers",
+    dimension_numbers,
+  )
 
   def labels(tree):
-    dims = orthogonalizers.resolve_dimension_numbers(dimension_numbers, tree)
+    dims = orthogonalizers.resolve_dimension_numbers(weight_dimension_numbers, tree)
     treedef = jax.tree.structure(tree)
     return treedef.unflatten(
       ["matrix" if d is not None else "vector" for d in treedef.flatten_up_to(dims)]
@@ -199,13 +212,15 @@ def zo_muon(
   estimator: str = "one_sided",
   orthogonalizer: str = "newton_schulz",
   vector_learning_rate: optax.ScalarOrSchedule = 1e-4,
-  dimension_numbers=None,
+  weight_dimension_numbers=None,
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
   vectorize: bool = False,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   clip_c: float | None = None,
+  seed: keys_lib.KeyLike | None = None,
+  dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-Muon: subspace zeroth-order gradient, orthogonalized (Lang et al., arXiv 2602.17155).
 
@@ -243,17 +258,17 @@ def zo_muon(
     rank: ``r``, clamped per matrix to its output dimension; None means 64.
     refresh_every: ``T``, steps between basis redraws (None: never).
     num_queries: ``N``; None means 4.
-    eps: perturbation scale.
+    eps: the perturbation scale epsilon (see `zojax.zo_grad`).
     estimator: ``"one_sided"`` (released multi-query path) or ``"two_sided"``.
     orthogonalizer: ``"newton_schulz"`` or ``"svd"``.
     vector_learning_rate: learning rate of the leaves with ``ndim < 2``.
-    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    weight_dimension_numbers: matrix view of leaves (see `zojax.subspace`;
+      ``dimension_numbers=``, its former name, is deprecated).
     mask: leaves to train (see `zojax.zo_grad`; it is applied to the
       coordinates, whose tree has the structure of the parameters).
     loss_fn: optional loss bound at construction.
     vectorize: evaluate the queries with `vmap`.
-    seed: integer seed or key.
-
+    key: an integer or a `jax.random` key (``seed=``, its former name, is deprecated).
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
     clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
@@ -262,7 +277,27 @@ def zo_muon(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.zo_muon(learning_rate=1e-2, rank=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
+  key = _deprecations.renamed("zojax.zo_muon", "key", key, "seed", seed, 0)
+  weight_dimension_numbers = _deprecations.renamed(
+    "zojax.zo_muon",
+    "weight_dimension_numbers",
+    weight_dimension_numbers,
+    "dimension_numbers",
+    dimension_numbers,
+  )
   learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
   vector_learning_rate = hyperparams.learning_rate("vector_learning_rate", vector_learning_rate)
   inner = optax.chain(
@@ -273,11 +308,11 @@ def zo_muon(
       estimator=estimator,
       mask=mask,
       vectorize=vectorize,
-      seed=seed,
+      key=key,
       axis_name=axis_name,
       clip_c=clip_c,
     ),
-    orthogonalize(orthogonalizer, dimension_numbers=coordinate_dimension_numbers),
+    orthogonalize(orthogonalizer, weight_dimension_numbers=coordinate_dimension_numbers),
     split_learning_rates(learning_rate, vector_learning_rate, coordinate_dimension_numbers),
   )
   return optax.chain(
@@ -285,8 +320,8 @@ def zo_muon(
       inner,
       _or_default("zo_muon", "rank", rank),
       refresh_every,
-      dimension_numbers=dimension_numbers,
-      seed=seed,
+      weight_dimension_numbers=weight_dimension_numbers,
+      key=key,
     )
   )
 
@@ -302,13 +337,15 @@ def zo_mopi(
   num_queries: int | None = None,
   eps: float = 1e-3,
   vector_learning_rate: optax.ScalarOrSchedule = 1e-4,
-  dimension_numbers=None,
+  weight_dimension_numbers=None,
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
   vectorize: bool = False,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   clip_c: float | None = None,
+  seed: keys_lib.KeyLike | None = None,
+  dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-MOPI: partial orthogonalization by power iteration (Chen & Ma, arXiv 2605.09034).
 
@@ -348,15 +385,15 @@ def zo_mopi(
     refresh_every: ``T``.
     anchored: momentum-anchored refresh (True) or random refresh.
     num_queries: ``N``; None means 8.
-    eps: perturbation scale.
+    eps: the perturbation scale epsilon (see `zojax.zo_grad`).
     vector_learning_rate: learning rate of leaves with ``ndim < 2`` (the
       released LLM code uses 1e-7).
-    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    weight_dimension_numbers: matrix view of leaves (see `zojax.subspace`;
+      ``dimension_numbers=``, its former name, is deprecated).
     mask: leaves to train (see `zojax.zo_grad`).
     loss_fn: optional loss bound at construction.
     vectorize: evaluate the queries with `vmap`.
-    seed: integer seed or key.
-
+    key: an integer or a `jax.random` key (``seed=``, its former name, is deprecated).
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
     clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
@@ -365,7 +402,27 @@ def zo_mopi(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.zo_mopi(learning_rate=1e-2, rank=2, k=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
+  key = _deprecations.renamed("zojax.zo_mopi", "key", key, "seed", seed, 0)
+  weight_dimension_numbers = _deprecations.renamed(
+    "zojax.zo_mopi",
+    "weight_dimension_numbers",
+    weight_dimension_numbers,
+    "dimension_numbers",
+    dimension_numbers,
+  )
   learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
   vector_learning_rate = hyperparams.learning_rate("vector_learning_rate", vector_learning_rate)
   beta = hyperparams.real("beta", beta, low=0.0, high=1.0, high_open=True)
@@ -383,13 +440,13 @@ def zo_mopi(
       estimator="one_sided",
       mask=mask,
       vectorize=vectorize,
-      seed=seed,
+      key=key,
       axis_name=axis_name,
       clip_c=clip_c,
     ),
     optax.ema(beta, debias=False),
     orthogonalize(
-      "power_iteration", rank=k, seed=seed, dimension_numbers=coordinate_dimension_numbers
+      "power_iteration", rank=k, key=key, weight_dimension_numbers=coordinate_dimension_numbers
     ),
     split_learning_rates(learning_rate, vector_learning_rate, coordinate_dimension_numbers),
   )
@@ -400,13 +457,13 @@ def zo_mopi(
       refresh_every,
       basis="momentum" if anchored else "haar",
       anchor_rank=anchor_rank if anchored else None,
-      dimension_numbers=dimension_numbers,
-      seed=seed,
+      weight_dimension_numbers=weight_dimension_numbers,
+      key=key,
     ),
   )
 
 
-def _lozo_chain(inner_extra, learning_rate, rank, refresh_every, paper_scaling, dims, seed):
+def _lozo_chain(inner_extra, learning_rate, rank, refresh_every, paper_scaling, dims, key):
   learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
   paper_scaling = hyperparams.flag("paper_scaling", paper_scaling)
   return optax.chain(
@@ -417,8 +474,8 @@ def _lozo_chain(inner_extra, learning_rate, rank, refresh_every, paper_scaling, 
       side="in",
       basis="gaussian",
       update_scale="inverse_rank" if paper_scaling else None,
-      dimension_numbers=dims,
-      seed=seed,
+      weight_dimension_numbers=dims,
+      key=key,
     ),
   )
 
@@ -430,12 +487,14 @@ def lozo(
   refresh_every: int | None = 50,
   eps: float = 1e-3,
   paper_scaling: bool = True,
-  dimension_numbers=None,
+  weight_dimension_numbers=None,
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   clip_c: float | None = None,
+  seed: keys_lib.KeyLike | None = None,
+  dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LOZO: low-rank zeroth-order SGD (Chen et al., arXiv 2410.07698).
 
@@ -460,13 +519,13 @@ def lozo(
     learning_rate: ``eta``.
     rank: ``r``, clamped per matrix to its input dimension; None means 2.
     refresh_every: ``T`` (``nu`` in the paper).
-    eps: perturbation scale.
+    eps: the perturbation scale epsilon (see `zojax.zo_grad`).
     paper_scaling: divide the matrix updates by ``r``.
-    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    weight_dimension_numbers: matrix view of leaves (see `zojax.subspace`;
+      ``dimension_numbers=``, its former name, is deprecated).
     mask: leaves to train (see `zojax.zo_grad`).
     loss_fn: optional loss bound at construction.
-    seed: integer seed or key.
-
+    key: an integer or a `jax.random` key (``seed=``, its former name, is deprecated).
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
     clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
@@ -475,10 +534,30 @@ def lozo(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.lozo(learning_rate=1e-2, rank=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
-  inner = zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name, clip_c=clip_c)
+  key = _deprecations.renamed("zojax.lozo", "key", key, "seed", seed, 0)
+  weight_dimension_numbers = _deprecations.renamed(
+    "zojax.lozo",
+    "weight_dimension_numbers",
+    weight_dimension_numbers,
+    "dimension_numbers",
+    dimension_numbers,
+  )
+  inner = zo_grad(loss_fn, eps=eps, mask=mask, key=key, axis_name=axis_name, clip_c=clip_c)
   return _lozo_chain(
-    inner, learning_rate, rank, refresh_every, paper_scaling, dimension_numbers, seed
+    inner, learning_rate, rank, refresh_every, paper_scaling, weight_dimension_numbers, key
   )
 
 
@@ -490,12 +569,14 @@ def lozo_m(
   refresh_every: int | None = 50,
   eps: float = 1e-3,
   paper_scaling: bool = True,
-  dimension_numbers=None,
+  weight_dimension_numbers=None,
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   clip_c: float | None = None,
+  seed: keys_lib.KeyLike | None = None,
+  dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LOZO-M: LOZO with momentum kept in factored form (arXiv 2410.07698).
 
@@ -512,13 +593,13 @@ def lozo_m(
     beta: momentum in [0, 1) (0.9 in the released code).
     rank: ``r``; None means 2.
     refresh_every: ``T``.
-    eps: perturbation scale.
+    eps: the perturbation scale epsilon (see `zojax.zo_grad`).
     paper_scaling: divide the matrix updates by ``r`` (see `lozo`).
-    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    weight_dimension_numbers: matrix view of leaves (see `zojax.subspace`;
+      ``dimension_numbers=``, its former name, is deprecated).
     mask: leaves to train (see `zojax.zo_grad`).
     loss_fn: optional loss bound at construction.
-    seed: integer seed or key.
-
+    key: an integer or a `jax.random` key (``seed=``, its former name, is deprecated).
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
     clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
@@ -527,13 +608,33 @@ def lozo_m(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.lozo_m(learning_rate=1e-2, rank=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
+  key = _deprecations.renamed("zojax.lozo_m", "key", key, "seed", seed, 0)
+  weight_dimension_numbers = _deprecations.renamed(
+    "zojax.lozo_m",
+    "weight_dimension_numbers",
+    weight_dimension_numbers,
+    "dimension_numbers",
+    dimension_numbers,
+  )
   inner = optax.chain(
-    zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name, clip_c=clip_c),
+    zo_grad(loss_fn, eps=eps, mask=mask, key=key, axis_name=axis_name, clip_c=clip_c),
     optax.ema(hyperparams.real("beta", beta, low=0.0, high=1.0, high_open=True), debias=False),
   )
   return _lozo_chain(
-    inner, learning_rate, rank, refresh_every, paper_scaling, dimension_numbers, seed
+    inner, learning_rate, rank, refresh_every, paper_scaling, weight_dimension_numbers, key
   )
 
 
@@ -543,12 +644,14 @@ def subzero(
   rank: int | None = None,
   refresh_every: int | None = 1000,
   eps: float = 1e-3,
-  dimension_numbers=None,
+  weight_dimension_numbers=None,
   mask: perturbations.Mask = None,
   loss_fn: Callable | None = None,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   axis_name: str | None = None,
   clip_c: float | None = None,
+  seed: keys_lib.KeyLike | None = None,
+  dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SubZero: random subspace zeroth-order optimization (Yu et al., arXiv 2410.08989).
 
@@ -571,12 +674,12 @@ def subzero(
     learning_rate: ``eta``.
     rank: ``r``, clamped per matrix to ``min(m, n)``; None means 24.
     refresh_every: ``T``.
-    eps: perturbation scale.
-    dimension_numbers: matrix view of leaves (see `zojax.subspace`).
+    eps: the perturbation scale epsilon (see `zojax.zo_grad`).
+    weight_dimension_numbers: matrix view of leaves (see `zojax.subspace`;
+      ``dimension_numbers=``, its former name, is deprecated).
     mask: leaves to train (see `zojax.zo_grad`).
     loss_fn: optional loss bound at construction.
-    seed: integer seed or key.
-
+    key: an integer or a `jax.random` key (``seed=``, its former name, is deprecated).
     axis_name: the data-parallel axis under `jax.pmap` / `jax.shard_map`;
       only loss values cross it (see `zojax.zo_grad`).
     clip_c: ``k > 1`` to clip each finite difference ``c_i`` to ``k`` times
@@ -585,20 +688,40 @@ def subzero(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, zojax
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
+    >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
+    >>> tx = zojax.subzero(learning_rate=1e-2, rank=2, key=0)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(3))
   """
+  key = _deprecations.renamed("zojax.subzero", "key", key, "seed", seed, 0)
+  weight_dimension_numbers = _deprecations.renamed(
+    "zojax.subzero",
+    "weight_dimension_numbers",
+    weight_dimension_numbers,
+    "dimension_numbers",
+    dimension_numbers,
+  )
   learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
   return optax.chain(
     subspace(
       optax.chain(
-        zo_grad(loss_fn, eps=eps, mask=mask, seed=seed, axis_name=axis_name, clip_c=clip_c),
+        zo_grad(loss_fn, eps=eps, mask=mask, key=key, axis_name=axis_name, clip_c=clip_c),
         optax.scale_by_learning_rate(learning_rate),
       ),
       _or_default("subzero", "rank", rank),
       refresh_every,
       side="both",
       scale="sqrt_mn_over_r",
-      dimension_numbers=dimension_numbers,
-      seed=seed,
+      weight_dimension_numbers=weight_dimension_numbers,
+      key=key,
     ),
   )
 
@@ -612,10 +735,11 @@ def mezo_bcd(
   order: str = "random",
   weight_decay: float = 0.0,
   num_queries: int | None = None,
-  seed: keys_lib.KeyLike = 0,
+  key: keys_lib.KeyLike = 0,
   loss_fn: Callable | None = None,
   axis_name: str | None = None,
   clip_c: float | None = None,
+  seed: keys_lib.KeyLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO-BCD: MeZO-SGD on one block of parameters at a time (arXiv 2501.19099).
 
@@ -658,7 +782,7 @@ def mezo_bcd(
 
   Args:
     learning_rate: ``eta``, a float or an optax schedule (of the global step).
-    eps: perturbation scale.
+    eps: the perturbation scale epsilon (see `zojax.zo_grad`).
     blocks: see `block_coordinate`.
     switch_every: ``K``, steps between block switches.
     order: ``"random"`` (reshuffle each epoch), ``"ascending"`` or
@@ -667,7 +791,7 @@ def mezo_bcd(
       ``ndim >= 2``.
     num_queries: directions per step (their mean is the estimate); None
       means 1.
-    seed: an integer seed or a `jax.random` key (directions and block order
+    key: an integer or a `jax.random` key (directions and block order
       use independent streams of it).
     loss_fn: optional loss bound at construction (see `zojax.zo_grad`).
 
@@ -687,15 +811,19 @@ def mezo_bcd(
     ValueError: see `block_coordinate` and `zojax.zo_grad`.
 
   Examples:
-    >>> import jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp, optax
     >>> from zojax import mezo_bcd
     >>> params = {"l0": {"w": jnp.ones((2, 2))}, "l1": {"w": jnp.ones((2, 2))}}
-    >>> loss = lambda p: jnp.sum((p["l1"]["w"] @ p["l0"]["w"]) ** 2)
-    >>> tx = mezo_bcd(learning_rate=1e-2, switch_every=10)
+    >>> loss = lambda p, x: jnp.sum((p["l1"]["w"] @ p["l0"]["w"] @ x) ** 2)
+    >>> tx = mezo_bcd(learning_rate=1e-2, switch_every=10, key=0)
     >>> state = tx.init(params)
-    >>> updates, state = tx.update(None, state, params, value_fn=loss)
-    >>> params = optax.apply_updates(params, updates)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   updates, state = tx.update(None, state, params, value_fn=lambda p: loss(p, x))
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, state = step(params, state, jnp.ones(2))
   """
+  key = _deprecations.renamed("zojax.mezo_bcd", "key", key, "seed", seed, 0)
   learning_rate = hyperparams.learning_rate("learning_rate", learning_rate)
   weight_decay = hyperparams.real("weight_decay", weight_decay, low=0.0)
   inner = optax.chain(
@@ -704,13 +832,13 @@ def mezo_bcd(
       num_queries=num_queries,
       eps=eps,
       estimator="two_sided",
-      seed=seed,
+      key=key,
       axis_name=axis_name,
       clip_c=clip_c,
     ),
     optax.add_decayed_weights(weight_decay, mask=matrix_mask()),
   )
   return optax.chain(
-    block_coordinate(inner, blocks, switch_every=switch_every, order=order, seed=seed),
+    block_coordinate(inner, blocks, switch_every=switch_every, order=order, key=key),
     optax.scale_by_learning_rate(learning_rate),
   )

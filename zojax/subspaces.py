@@ -82,7 +82,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from zojax import array_leaves, hyperparams, ordering, perturb_at_use, perturbations
+from zojax import _deprecations, array_leaves, hyperparams, ordering, perturb_at_use, perturbations
 from zojax import keys as keys_lib
 from zojax import orthogonalizers as orth
 
@@ -103,7 +103,7 @@ class SubspaceState(NamedTuple):
 
   Attributes:
     count: steps taken (int32).
-    key: the basis key (a stream of the seed, see `zojax.keys.stream_key`).
+    key: the basis key (a stream of the ``key`` argument, see `zojax.keys.stream_key`).
     bases: per leaf, the basis (``side`` "out"/"in": one array; "both": a
       pair ``(in_basis, out_basis)``), or an empty tuple for leaves handled
       in full space.
@@ -441,7 +441,7 @@ def _check_bases(geo: _Geometry, bases) -> None:
       if not _no_basis(b):
         raise ValueError(
           "The subspace state has a basis for a leaf that these dimension numbers treat as "
-          "full-space: was it built with other dimension_numbers?"
+          "full-space: was it built with other weight_dimension_numbers?"
         )
       continue
     got = tuple(jnp.shape(x) for x in (b if isinstance(b, tuple) else (b,)))
@@ -451,7 +451,7 @@ def _check_bases(geo: _Geometry, bases) -> None:
         f"The subspace state's basis for a leaf of shape {spec.shape} has shape "
         f"{got if len(got) > 1 else got[0]}, but this optimizer (rank {spec.rank}, side "
         f"{geo.side!r}) needs {want if len(want) > 1 else want[0]}: the state was built with "
-        "another rank, side or dimension_numbers. Initialise the state with this optimizer."
+        "another rank, side or weight_dimension_numbers. Initialise the state with this optimizer."
       )
 
 
@@ -502,8 +502,10 @@ def subspace(
   anchor_rank: int | None = None,
   scale: str | None = None,
   update_scale: str | None = None,
+  weight_dimension_numbers=None,
+  key: keys_lib.KeyLike = 0,
+  seed: keys_lib.KeyLike | None = None,
   dimension_numbers=None,
-  seed: keys_lib.KeyLike = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on rank-``r`` coordinates of every matrix leaf.
 
@@ -550,12 +552,14 @@ def subspace(
     update_scale: None, or ``"inverse_rank"`` to multiply the lifted updates
       (not the perturbations) of each matrix by ``1 / r`` (its clamped rank):
       LOZO's factor, which makes ``E[c U V^T] / r = G`` for Gaussian ``V``.
-    dimension_numbers: None (default rule), a
+    weight_dimension_numbers: None (default rule), a
       `optax.contrib.MuonDimensionNumbers` for all leaves with >= 2 axes, or
       a pytree (or a callable returning one) of them, None marking leaves
       kept in full space. Axes named by neither field are batch axes (one
       basis per matrix of the batch).
-    seed: an integer seed or key; the bases use its ``"subspace"`` stream.
+    key: an integer or a `jax.random` key; the bases use its ``"subspace"``
+      stream (``seed=``, its former name, is deprecated, as is ``dimension_numbers=`` for
+      ``weight_dimension_numbers=``).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with state `SubspaceState`.
@@ -577,6 +581,14 @@ def subspace(
     >>> updates["kernel"].shape
     (8, 6)
   """
+  key = _deprecations.renamed("zojax.subspace", "key", key, "seed", seed, 0)
+  weight_dimension_numbers = _deprecations.renamed(
+    "zojax.subspace",
+    "weight_dimension_numbers",
+    weight_dimension_numbers,
+    "dimension_numbers",
+    dimension_numbers,
+  )
   rank = hyperparams.integer("rank", rank, minimum=1)
   if refresh_every is not None:
     refresh_every = hyperparams.integer("refresh_every (or None)", refresh_every, minimum=1)
@@ -602,14 +614,14 @@ def subspace(
   if update_scale not in (None, "inverse_rank"):
     raise ValueError(f"Unknown update_scale {update_scale!r}; expected None or 'inverse_rank'.")
   inner = optax.with_extra_args_support(inner)
-  basis_key = keys_lib.stream_key(keys_lib.as_key(seed), "subspace")
+  basis_key = keys_lib.stream_key(keys_lib.as_key(key), "subspace")
   draw_kind = "gaussian" if basis == "gaussian" else "haar"
   orthonormal = basis != "gaussian"
 
   def geometry_of(params, state=None):
     array_leaves.check_array_leaves(params)
     if isinstance(rank, int):
-      geo = _Geometry(params, rank, side, dimension_numbers, scale)
+      geo = _Geometry(params, rank, side, weight_dimension_numbers, scale)
       if state is not None:
         _check_bases(geo, state.bases)
       return geo
@@ -625,7 +637,7 @@ def subspace(
     widths = [
       jnp.shape(b[0] if isinstance(b, tuple) else b)[-1] for b in state.bases if not _no_basis(b)
     ]
-    geo = _Geometry(params, max(widths, default=1), side, dimension_numbers, scale)
+    geo = _Geometry(params, max(widths, default=1), side, weight_dimension_numbers, scale)
     _check_bases(geo, state.bases)
     return geo
 

@@ -49,7 +49,7 @@ def keys_to_data(tree: Any) -> Any:
 
   Examples:
     >>> import chex, jax, jax.numpy as jnp, zojax
-    >>> state = zojax.zo_grad(seed=0).init({"w": jnp.ones(3)})
+    >>> state = zojax.zo_grad(key=0).init({"w": jnp.ones(3)})
     >>> chex.assert_trees_all_equal(zojax.testing.keys_to_data(state),
     ...                             zojax.testing.keys_to_data(state))
   """
@@ -96,7 +96,7 @@ def assert_states_close(actual: Any, expected: Any, **tolerances: Any) -> None:
   Examples:
     >>> import jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones(3)}
-    >>> tx = zojax.mezo(1e-2, seed=0)
+    >>> tx = zojax.mezo(1e-2, key=0)
     >>> zojax.testing.assert_states_close(tx.init(params), tx.init(params), rtol=1e-6)
   """
   chex.assert_trees_all_equal_structs(actual, expected)

@@ -336,7 +336,7 @@ def unstack_layers(params: Params) -> Params:
 
 
 def matrix_dimension_numbers(params: Params) -> Any:
-  """The matrix view of every leaf for zojax's per-matrix methods (``dimension_numbers=``).
+  """The matrix view of every leaf for zojax's per-matrix methods (``weight_dimension_numbers=``).
 
   ZO-Muon, ZO-MOPI, LOZO and SubZero (`zojax.subspace`) treat each weight
   matrix on its own, as their PyTorch code treats each ``(out, in)`` weight:

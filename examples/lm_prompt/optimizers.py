@@ -97,7 +97,7 @@ def _base(
     return optax.adam(learning_rate), 1
   if name == "mezo":
     q = num_queries or 1
-    return zojax.mezo(learning_rate, eps=eps, num_queries=q, seed=seed), 2 * q
+    return zojax.mezo(learning_rate, eps=eps, num_queries=q, key=seed), 2 * q
   if name == "mezo_bcd":
     q = num_queries or 1
     tx = zojax.mezo_bcd(
@@ -105,7 +105,7 @@ def _base(
       eps=eps,
       blocks=layer_blocks,
       num_queries=q,
-      seed=seed,
+      key=seed,
       **given(switch_every=refresh_every),
     )
     return tx, 2 * q
@@ -118,8 +118,8 @@ def _base(
       learning_rate,
       eps=eps,
       vector_learning_rate=vector_learning_rate,
-      dimension_numbers=dims,
-      seed=seed,
+      weight_dimension_numbers=dims,
+      key=seed,
       **given(num_queries=num_queries, rank=rank, refresh_every=refresh_every),
     )
     q = num_queries or zojax.presets.DEFAULTS[name]["num_queries"]
@@ -128,8 +128,8 @@ def _base(
   tx = preset(
     learning_rate,
     eps=eps,
-    dimension_numbers=dims,
-    seed=seed,
+    weight_dimension_numbers=dims,
+    key=seed,
     **given(rank=rank, refresh_every=refresh_every),
   )
   return tx, 2
@@ -190,5 +190,5 @@ def make(
   if low_precision == "master":
     tx = zojax.master_weights(tx)
   elif low_precision == "stochastic":
-    tx = optax.with_extra_args_support(optax.chain(tx, zojax.stochastic_rounding(seed=seed)))
+    tx = optax.with_extra_args_support(optax.chain(tx, zojax.stochastic_rounding(key=seed)))
   return Optimizer(name, tx, forwards, name in ZEROTH_ORDER)

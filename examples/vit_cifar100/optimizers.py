@@ -130,7 +130,7 @@ def make(
     return Optimizer(name, tx, 1, False)
   if name == "mezo":
     q = num_queries or 1
-    return Optimizer(name, zojax.mezo(learning_rate, eps=eps, num_queries=q, seed=seed), 2 * q, True)
+    return Optimizer(name, zojax.mezo(learning_rate, eps=eps, num_queries=q, key=seed), 2 * q, True)
   if name == "mezo_bcd":
     q = num_queries or 1
     tx = zojax.mezo_bcd(
@@ -138,7 +138,7 @@ def make(
       eps=eps,
       blocks=vit_blocks,
       num_queries=q,
-      seed=seed,
+      key=seed,
       **given(switch_every=refresh_every),
     )
     return Optimizer(name, tx, 2 * q, True)
@@ -148,8 +148,8 @@ def make(
       learning_rate,
       eps=eps,
       vector_learning_rate=vector_learning_rate,
-      dimension_numbers=dimension_numbers,
-      seed=seed,
+      weight_dimension_numbers=dimension_numbers,
+      key=seed,
       **given(num_queries=num_queries, rank=rank, refresh_every=refresh_every),
     )
     q = num_queries or zojax.presets.DEFAULTS[name]["num_queries"]
@@ -158,8 +158,8 @@ def make(
   tx = preset(
     learning_rate,
     eps=eps,
-    dimension_numbers=dimension_numbers,
-    seed=seed,
+    weight_dimension_numbers=dimension_numbers,
+    key=seed,
     **given(rank=rank, refresh_every=refresh_every),
   )
   return Optimizer(name, tx, 2, True)
