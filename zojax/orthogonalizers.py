@@ -33,7 +33,7 @@ import optax
 from optax import contrib as optax_contrib
 from optax.contrib import MuonDimensionNumbers
 
-from zojax import hyperparams
+from zojax import eager, hyperparams
 from zojax import keys as keys_lib
 
 try:  # Exported from optax.contrib in newer releases; optax 0.2.8 keeps it in _muon.
@@ -587,4 +587,4 @@ def orthogonalize(
       return new_updates, PowerIterationState(v=treedef.unflatten(new_vs))
     return new_updates, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, eager.jit_when_concrete(update_fn, "orthogonalize"))

@@ -82,7 +82,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from zojax import array_leaves, hyperparams, ordering, perturb_at_use, perturbations
+from zojax import array_leaves, eager, hyperparams, ordering, perturb_at_use, perturbations
 from zojax import keys as keys_lib
 from zojax import orthogonalizers as orth
 
@@ -753,4 +753,6 @@ def subspace(
     )
     return jax.tree.unflatten(geo.treedef, lifted), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, eager.jit_when_concrete(update_fn, "subspace")
+  )
