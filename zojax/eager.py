@@ -46,7 +46,9 @@ with them), so a loss that changes program every step costs a compilation a
 step but no memory growth. At the `WARN_AFTER`-th compilation a
 `UserWarning` says so and shows the jitted form. The eager path neither
 donates buffers nor avoids the per-step trace of the loss: for the last
-bit of speed and memory, jit the training step yourself.
+bit of speed and memory, jit the training step yourself. Measured on that
+ZO-Muon example (2 CPU cores): 300 eager steps compile once and run in about
+3.6 ms a step with flat memory, against 0.84 ms for a jitted step.
 """
 
 from __future__ import annotations
