@@ -160,7 +160,7 @@ def problem(dtype):
 def _mezo():
   import zojax
 
-  return zojax.mezo(LEARNING_RATE, seed=0)
+  return zojax.mezo(LEARNING_RATE, key=0)
 
 
 def _zo_muon():

@@ -1,5 +1,8 @@
 """Tests for zojax.subspaces: covariances, scalings, refresh consistency, re-projection."""
 
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -410,3 +413,54 @@ def test_coordinate_dimension_numbers():
   assert dims["a"] == MuonDimensionNumbers(1, 2)
   assert dims["b"] == MuonDimensionNumbers(0, 1)
   assert dims["c"] is None
+
+
+VMAP_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, optax, zojax
+from zojax import orthogonalizers as orth
+
+# The plain-JAX reduction of the hang: twelve orthonormalized vmapped 128 x 24 draws.
+draws = lambda key: [orth.random_orthonormal(k, 128, 24) for k in jax.random.split(key, 12)]
+jax.block_until_ready(jax.jit(jax.vmap(draws))(jax.random.split(jax.random.key(0), 4)))
+
+params = {f"w{i}": jnp.full((128, 128), 0.01, jnp.float32) for i in range(12)}
+loss = lambda p: sum(jnp.sum(jnp.tanh(w) ** 2) for w in p.values())
+make = lambda seed: zojax.subspace(
+  optax.chain(zojax.zo_grad(key=seed), optax.sgd(1e-2)), rank=24, side="both", key=seed
+)
+seeds = jnp.arange(4)
+states = jax.jit(jax.vmap(lambda s: make(s).init(params)))(seeds)
+step = lambda seed, state: make(seed).update(None, state, params, value_fn=loss)
+updates, _ = jax.jit(jax.vmap(step))(seeds, states)
+init_alone = jax.jit(lambda seed: make(seed).init(params))
+step_alone = jax.jit(lambda seed, s: make(seed).update(None, s, params, value_fn=loss))
+for i in range(4):  # each lane is that seed's own optimizer
+  alone = init_alone(seeds[i])
+  for a, b in zip(jax.tree.leaves(alone.bases), jax.tree.leaves(states.bases)):
+    np.testing.assert_allclose(a, b[i], rtol=0, atol=1e-5)
+  u, _ = step_alone(seeds[i], alone)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(updates)):
+    np.testing.assert_allclose(a, b[i], rtol=0, atol=1e-3 * float(jnp.abs(a).max()))
+assert float(jnp.abs(updates["w0"][0] - updates["w0"][1]).max()) > 0
+print("ok")
+"""
+
+
+def test_vmapped_init_and_step_over_seeds_finish():
+  """jax.jit(jax.vmap(init)) and a vmapped step over 4 seeds, the issue's configuration.
+
+  Twelve 128 x 128 leaves, rank 24, side="both": with LAPACK's QR such a program
+  deadlocked XLA's CPU backend, idle, when run alongside other work (the Gram-Schmidt
+  of `orth.orthonormalize_columns` is plain matrix-vector products). In a subprocess
+  with a timeout, so a hang fails instead of blocking the suite. Each lane equals its
+  seed's own optimizer: both run the same algorithm and differ at most in the summation
+  order of batched dot products (length <= 128), so a basis entry (|q| <= 1) moves by
+  at most about 128 u = 8e-6 (atol 1e-5; observed: equal bit for bit); the update's
+  finite differences amplify a basis change by 1 / eps = 1e3 (atol 1e-3 of the
+  largest update entry), far below the order-one difference between two seeds.
+  """
+  result = subprocess.run(
+    [sys.executable, "-c", VMAP_SCRIPT], capture_output=True, text=True, timeout=600
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zojax import _deprecations, array_leaves, hyperparams, perturb_at_use
+from zojax import _deprecations, array_leaves, eager, hyperparams, perturb_at_use
 from zojax import keys as keys_lib
 
 ORDERS = ("random", "ascending", "descending")
@@ -669,4 +669,6 @@ def block_coordinate(
     )
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, eager.jit_when_concrete(update_fn, "block_coordinate")
+  )

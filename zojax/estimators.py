@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import core as jex_core
 
-from zojax import _deprecations, array_leaves, hyperparams, perturb_at_use, perturbations
+from zojax import _deprecations, array_leaves, eager, hyperparams, perturb_at_use, perturbations
 from zojax import keys as keys_lib
 
 ESTIMATORS = ("two_sided", "one_sided")
@@ -646,4 +646,6 @@ def zo_grad(
     )
     return grad, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, eager.jit_when_concrete(update_fn, "zo_grad")
+  )

@@ -33,7 +33,7 @@ import optax
 from optax import contrib as optax_contrib
 from optax.contrib import MuonDimensionNumbers
 
-from zojax import _deprecations, hyperparams
+from zojax import _deprecations, eager, hyperparams
 from zojax import keys as keys_lib
 
 try:  # Exported from optax.contrib in newer releases; optax 0.2.8 keeps it in _muon.
@@ -308,19 +308,88 @@ def polar_svd(x: chex.Array) -> jax.Array:
   return _cast_back((u * (s > tol)) @ vt, x)
 
 
+# Gram-Schmidt's projections must run at full float32 precision on every backend (a TPU's or
+# GPU's default matmul precision rounds the operands to bfloat16 or TF32).
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _project_out(q: jax.Array, v: jax.Array) -> jax.Array:
+  """``v - Q^T (Q v)`` for rows ``q`` (..., k, n) and ``v`` (..., n): one Gram-Schmidt pass."""
+  h = jnp.einsum("...kn,...n->...k", q, v, precision=_HIGHEST)
+  return v - jnp.einsum("...kn,...k->...n", q, h, precision=_HIGHEST)
+
+
+def _norm(v: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True))
+
+
 def orthonormalize_columns(a: chex.Array) -> jax.Array:
-  """Q of the thin QR of ``a`` (float32), columns multiplied by the signs of ``diag(R)``.
+  """Q of the thin QR of ``a`` with ``diag(R) > 0``, in float32, by Gram-Schmidt.
 
-  Leading axes of ``a`` are a batch of matrices.
+  Leading axes of ``a`` are a batch of matrices. ``Q`` is the unique
+  orthonormal factor whose first ``j`` columns span the first ``j`` columns of
+  ``a`` with ``R_jj > 0``: for a Gaussian ``a``, exactly Haar distributed
+  (Mezzadri, arXiv math-ph/0609050, the QR with its sign fix).
 
-  The sign fix (zero mapped to +1) makes Q a function of the column span
-  sequence alone and, for a Gaussian ``a``, exactly Haar distributed
-  (Mezzadri, arXiv math-ph/0609050). The first ``j`` columns of Q span the
-  first ``j`` columns of ``a``.
+  Computed by classical Gram-Schmidt applied twice per column ("CGS2", Giraud
+  et al., Numer. Math. 101, 2005: ``||Q^T Q - I|| = O(eps)`` for numerically
+  full-rank ``a``), written in matrix-vector products and a `jax.lax.fori_loop`
+  over the columns, not LAPACK's QR: XLA's CPU backend deadlocked, idle, on
+  programs holding several QRs of vmapped (batched) draws (a `jax.vmap` over
+  seeds of a subspace optimizer's ``init``). Each column is scaled by its
+  largest entry first (no overflow in its norm). A second pass that removes
+  more than ``1 - 1/sqrt(2)`` of the remainder's norm (Kahan-Parlett's
+  criterion) is followed by a third; a column with nothing left (zero, or
+  exactly in the span of the previous ones) is replaced by the standard basis
+  vector the previous columns represent least, orthonormalized the same way.
+  So ``Q`` always has orthonormal columns, as Householder QR's has; for a
+  numerically rank-deficient ``a`` the extra directions are arbitrary, as
+  there.
+
+  Args:
+    a: a matrix ``(..., n, k)`` with ``k <= n``.
+
+  Returns:
+    ``Q``, float32, shaped like ``a``.
   """
-  q, r = jnp.linalg.qr(jnp.asarray(a, jnp.float32))
-  signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
-  return q * signs[..., None, :]
+  a = jnp.asarray(a, jnp.float32)
+  n, k = a.shape[-2:]
+  if k > n:
+    raise ValueError(f"orthonormalize_columns needs k <= n columns, got shape {a.shape}.")
+  # Rows of ``at`` are the columns of ``a``, each scaled by its largest entry; Q is built row
+  # by row as Q^T (contiguous rows: a loop body about half as costly to compile).
+  at = jnp.swapaxes(a, -1, -2)
+  scale = jnp.max(jnp.abs(at), axis=-1, keepdims=True)
+  at = at / jnp.where(scale > 0, scale, 1.0)
+
+  def twice(q, v):
+    v1 = _project_out(q, v)
+    v2 = _project_out(q, v1)
+    return v1, v2
+
+  def kept(after, before):  # Kahan-Parlett: the pass did not cancel (and left something)
+    n_after = _norm(after)
+    return (n_after > 0) & (n_after >= _norm(before) / math.sqrt(2.0))
+
+  def column(j, q):
+    v = jax.lax.dynamic_index_in_dim(at, j, axis=-2, keepdims=False)
+    # Rows j.. of q are still zero, so projecting on all of q projects on the first j.
+    v1, v2 = twice(q, v)
+    ok2 = kept(v2, v1)
+
+    def rare():  # cancellation: a third pass, and a fallback for a dependent column
+      v3 = _project_out(q, v2)
+      e = jax.nn.one_hot(jnp.argmin(jnp.sum(q * q, axis=-2), axis=-1), n, dtype=jnp.float32)
+      e1, e2 = twice(q, e)
+      e2 = jnp.where(kept(e2, e1), e2, _project_out(q, e2))
+      return jnp.where(kept(v3, v2), v3, e2)
+
+    w = jax.lax.cond(jnp.all(ok2), lambda: v2, rare)
+    w = jnp.where(ok2, v2, w)
+    w = w / _norm(w)
+    return jax.lax.dynamic_update_index_in_dim(q, w, j, axis=-2)
+
+  return jnp.swapaxes(jax.lax.fori_loop(0, k, column, jnp.zeros_like(at)), -1, -2)
 
 
 def random_orthonormal(key: jax.Array, n: int, k: int) -> jax.Array:
@@ -601,4 +670,4 @@ def orthogonalize(
       return new_updates, PowerIterationState(v=treedef.unflatten(new_vs))
     return new_updates, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, eager.jit_when_concrete(update_fn, "orthogonalize"))

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zojax import _deprecations
+from zojax import _deprecations, eager
 from zojax import keys as keys_lib
 
 __all__ = [
@@ -179,7 +179,9 @@ def master_weights(
     new_state = MasterWeightsState(master=stored(master, params), inner_state=inner_state)
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, eager.jit_when_concrete(update_fn, "master_weights")
+  )
 
 
 def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:

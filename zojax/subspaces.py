@@ -82,7 +82,15 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from zojax import _deprecations, array_leaves, hyperparams, ordering, perturb_at_use, perturbations
+from zojax import (
+  _deprecations,
+  array_leaves,
+  eager,
+  hyperparams,
+  ordering,
+  perturb_at_use,
+  perturbations,
+)
 from zojax import keys as keys_lib
 from zojax import orthogonalizers as orth
 
@@ -395,27 +403,99 @@ def _unflat(c, like):
   return jnp.reshape(c, jnp.shape(like)) if jnp.ndim(like) >= 2 else c
 
 
-def _draw_basis(geometry: _Geometry, spec: _LeafSpec, key, kind: str):
-  def one(k, dim):
-    if kind == "gaussian":
-      return jax.random.normal(k, (dim, spec.rank), jnp.float32)
-    return orth.random_orthonormal(k, dim, spec.rank)
+def _draw_gaussian_basis(geometry: _Geometry, spec: _LeafSpec, key):
+  """One leaf's iid N(0, 1) basis (a pair for ``side="both"``); Haar ones: `_draw_haar_bases`."""
+  out = [
+    jax.vmap(lambda k, dim=dim: jax.random.normal(k, (dim, spec.rank), jnp.float32))(keys)
+    for dim, keys in _basis_draws(geometry, spec, key)
+  ]
+  out = [b if spec.batch is not None else b[0] for b in out]
+  return out[0] if len(out) == 1 else tuple(out)
 
-  def draw(k, dim):
-    if spec.batch is None:
-      return one(k, dim)
-    return jax.vmap(lambda kk: one(kk, dim))(jax.random.split(k, spec.batch))
+
+def _basis_draws(geometry: _Geometry, spec: _LeafSpec, key) -> list[tuple[int, jax.Array]]:
+  """``(dim, keys)`` per basis of a leaf: one key per matrix of the leaf's batch (1 if none)."""
+
+  def keys_of(k):
+    return jax.random.split(k, spec.batch) if spec.batch is not None else k[None]
 
   if geometry.side == "out":
-    return draw(key, spec.fan_out)
+    return [(spec.fan_out, keys_of(key))]
   if geometry.side == "in":
-    return draw(key, spec.fan_in)
+    return [(spec.fan_in, keys_of(key))]
   k_in, k_out = jax.random.split(key)
-  return (draw(k_in, spec.fan_in), draw(k_out, spec.fan_out))
+  return [(spec.fan_in, keys_of(k_in)), (spec.fan_out, keys_of(k_out))]
+
+
+def _haar_group(keys: jax.Array, dim: int, rank: int) -> jax.Array:
+  """Haar bases ``(len(keys), dim, rank)``, one per key, drawn one after another.
+
+  A `jax.lax.map`: one compiled loop (Gram-Schmidt's, `orth.orthonormalize_columns`) for every
+  basis of the shape, and the memory of one Gaussian draw at a time.
+  """
+  return jax.lax.map(lambda k: orth.random_orthonormal(k, dim, rank), keys)
+
+
+def _draw_haar_bases(geo: _Geometry, leaf_keys) -> list:
+  """Every leaf's Haar basis (``()`` for full-space leaves), grouped by shape.
+
+  Bases of one shape (the fan-in and fan-out bases of SubZero's square layers, every layer of
+  a transformer) are drawn in one `_haar_group`, so a program holds one orthonormalization
+  loop per basis shape instead of one per basis: compiling that loop costs about as much as
+  the QR it replaces, once. The result is what drawing leaf by leaf gives (same keys, same
+  function per key). Groups run one after another (`zojax.ordering`).
+  """
+  groups: dict[tuple[int, int], list] = {}
+  for i, spec in enumerate(geo.specs):
+    if spec is None:
+      continue
+    for slot, (dim, keys) in enumerate(_basis_draws(geo, spec, leaf_keys[i])):
+      groups.setdefault((dim, spec.rank), []).append((i, slot, keys))
+  drawn: dict[tuple[int, int], jax.Array] = {}
+  previous = None
+  for (dim, rank), members in groups.items():
+    keys = jnp.concatenate([keys for _, _, keys in members])
+    if previous is not None:
+      keys = ordering.after(keys, previous)
+    previous = _haar_group(keys, dim, rank)
+    start = 0
+    for i, slot, member_keys in members:
+      count = member_keys.shape[0]
+      drawn[(i, slot)] = previous[start : start + count]
+      start += count
+  out = []
+  for i, spec in enumerate(geo.specs):
+    if spec is None:
+      out.append(())
+      continue
+    pieces = [drawn[(i, slot)] for slot in range(2 if geo.side == "both" else 1)]
+    pieces = [b if spec.batch is not None else b[0] for b in pieces]
+    out.append(pieces[0] if len(pieces) == 1 else tuple(pieces))
+  return out
+
+
+def _orthonormalize_grouped(geo: _Geometry, mats: list) -> list:
+  """`orth.orthonormalize_columns` of every leaf's matrix, one `jax.lax.map` per shape.
+
+  As in `_draw_haar_bases`: one compiled Gram-Schmidt loop per shape, not per leaf.
+  """
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, spec in enumerate(geo.specs):
+    if spec is not None:
+      groups.setdefault(tuple(mats[i].shape[-2:]), []).append(i)
+  out = list(mats)
+  for members in groups.values():
+    flat = [jnp.reshape(mats[i], (-1, *mats[i].shape[-2:])) for i in members]
+    done = jax.lax.map(orth.orthonormalize_columns, jnp.concatenate(flat))
+    start = 0
+    for i, f in zip(members, flat):
+      out[i] = jnp.reshape(done[start : start + f.shape[0]], mats[i].shape)
+      start += f.shape[0]
+  return out
 
 
 def _basis_shapes(geo: _Geometry, spec: _LeafSpec) -> tuple[tuple[int, ...], ...]:
-  """Shapes of a leaf's basis (two for ``side="both"``), as `_draw_basis` makes them."""
+  """Shapes of a leaf's basis (two for ``side="both"``), as they are drawn."""
 
   def shape(dim):
     return (dim, spec.rank) if spec.batch is None else (spec.batch, dim, spec.rank)
@@ -652,6 +732,8 @@ def subspace(
   def draw_bases(geo, key, count):
     k = keys_lib.step_key(key, count)
     leaf_keys = jax.random.split(k, len(geo.specs)) if geo.specs else []
+    if draw_kind == "haar":
+      return _draw_haar_bases(geo, leaf_keys)
     out, previous = [], None
     for i, spec in enumerate(geo.specs):
       if spec is None:
@@ -660,7 +742,7 @@ def subspace(
       # Each draw waits for the previous basis: XLA drew every basis before
       # orthonormalizing any, holding several basis-sized buffers per leaf.
       leaf_key = leaf_keys[i] if previous is None else ordering.after(leaf_keys[i], previous)
-      previous = _draw_basis(geo, spec, leaf_key, draw_kind)
+      previous = _draw_gaussian_basis(geo, spec, leaf_key)
       out.append(previous)
     return out
 
@@ -698,7 +780,8 @@ def subspace(
           anchor = jnp.pad(anchor, [(0, 0)] * (anchor.ndim - 1) + [(0, spec.rank - width)])
           keep = jnp.arange(spec.rank) < jnp.minimum(anchor_rank, width)
           stacked = jnp.where(keep, anchor, new[i])
-        new[i] = orth.orthonormalize_columns(stacked)
+        new[i] = stacked
+      new = _orthonormalize_grouped(geo, new)
 
     def reproject(index, leaf):
       spec = geo.specs[index]
@@ -765,4 +848,6 @@ def subspace(
     )
     return jax.tree.unflatten(geo.treedef, lifted), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, eager.jit_when_concrete(update_fn, "subspace")
+  )
