@@ -178,3 +178,59 @@ def test_mask_freezes_leaves():
   final, _, _ = run_calls(tx, params, batches, loss)
   chex.assert_trees_all_equal(final["b"], params["b"])
   assert np.any(np.asarray(final["w"] != params["w"]))
+
+
+# zojax.NO_GRADIENT: None's meaning, but a transform that reads it as a gradient fails.
+
+PRESETS_FOR_NO_GRADIENT = {
+  "mezo": lambda: zojax.mezo(1e-2, key=0),
+  "zo_muon": lambda: zojax.zo_muon(1e-2, rank=2, key=0),
+  "mezo_bcd": lambda: zojax.mezo_bcd(1e-2, key=0),
+  "multi_steps": lambda: zojax.multi_steps(zojax.mezo(1e-2, key=0), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS_FOR_NO_GRADIENT))
+def test_no_gradient_is_none_to_zojax(name):
+  # Same updates and state as None, jitted and eager.
+  params, batches, loss = problem()
+  tx = PRESETS_FOR_NO_GRADIENT[name]()
+  state = tx.init(params)
+  for jitted in (True, False):
+    call = lambda g, s, p: tx.update(g, s, p, value_fn=lambda q: loss(q, batches[0]))  # noqa: E731
+    step = jax.jit(call, static_argnums=0) if jitted else call
+    with_none = step(None, state, params)
+    with_sentinel = step(zojax.NO_GRADIENT, state, params)
+    chex.assert_trees_all_equal(
+      with_none[0], with_sentinel[0], custom_message=f"{name} jitted={jitted}"
+    )
+    assert jax.tree.structure(with_none[1]) == jax.tree.structure(with_sentinel[1])
+
+
+@pytest.mark.parametrize(
+  "wrapped",
+  [
+    lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx),
+    lambda tx: optax.chain(optax.scale(0.5), tx),
+    lambda tx: optax.MultiSteps(tx, 2),
+  ],
+  ids=["clip_before", "scale_before", "optax_multi_steps"],
+)
+def test_reading_no_gradient_raises_zojax_message(wrapped):
+  # With None these clip or scale nothing, silently (optax passes None through).
+  params, batches, loss = problem()
+  tx = wrapped(zojax.mezo(1e-2, key=0))
+  state = tx.init(params)
+  step = jax.jit(
+    lambda s, p: tx.update(zojax.NO_GRADIENT, s, p, value_fn=lambda q: loss(q, batches[0]))
+  )
+  with pytest.raises(TypeError, match="zojax.NO_GRADIENT is what a zeroth-order optimizer"):
+    step(state, params)
+
+
+def test_apply_if_finite_on_no_gradient_names_the_zojax_type():
+  # optax.apply_if_finite calls jnp.isfinite on it: JAX's own error, naming our type.
+  params, batches, loss = problem()
+  tx = optax.apply_if_finite(zojax.mezo(1e-2, key=0), 2)
+  with pytest.raises(TypeError, match="zojax.no_gradient.NoGradient"):
+    tx.update(zojax.NO_GRADIENT, tx.init(params), params, value_fn=lambda q: loss(q, batches[0]))

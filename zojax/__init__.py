@@ -10,6 +10,7 @@ from zojax import (
   hyperparams,
   keys,
   layouts,
+  no_gradient,
   orthogonalizers,
   perturb_at_use,
   perturbations,
@@ -36,6 +37,7 @@ from zojax.estimators import (
   zo_grad,
 )
 from zojax.layouts import equinox_dimension_numbers
+from zojax.no_gradient import NO_GRADIENT
 from zojax.orthogonalizers import PowerIterationState, orthogonalize
 from zojax.perturbations import DISTRIBUTIONS, sample_direction
 from zojax.precision import (
@@ -62,6 +64,8 @@ from zojax.train_state import ZOTrainState
 __version__ = "0.1.0"
 
 __all__ = [
+  "NO_GRADIENT",
+  "no_gradient",
   "accumulation",
   "MultiStepsState",
   "multi_steps",

@@ -62,6 +62,8 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
+from zojax import no_gradient
+
 __all__ = ["MAX_CACHED_STEPS", "WARN_AFTER", "jit_when_concrete"]
 
 MAX_CACHED_STEPS = 4
@@ -206,6 +208,8 @@ def jit_when_concrete(update_fn: Callable, name: str) -> Callable:
 
   @functools.wraps(update_fn)
   def update(updates, state, params=None, **extra_args):
+    if no_gradient.is_no_gradient(updates):  # the same as None to every zojax transform
+      updates = None
     direct = functools.partial(update_fn, updates, state, params, **extra_args)
     if jax.config.jax_disable_jit or _has_tracer((updates, state, params, extra_args)):
       return direct()

@@ -323,9 +323,10 @@ def _check_no_updates(updates) -> None:
     return
   raise ValueError(
     "zo_grad computes the gradient itself, from the loss, so it takes updates=None, but it "
-    f"received a tree of {len(leaves)} arrays. Pass None: tx.update(None, state, params, "
-    "value_fn=loss). If a transform before the estimator made them, put it after the "
-    "estimator: optax.chain(zojax.zo_grad(), optax.clip_by_global_norm(1.0), optax.sgd(lr)). "
+    f"received a tree of {len(leaves)} arrays. Pass zojax.NO_GRADIENT (or None): "
+    "tx.update(zojax.NO_GRADIENT, state, params, value_fn=loss). If a transform before "
+    "the estimator made them, put it after the estimator: "
+    "optax.chain(zojax.zo_grad(), optax.clip_by_global_norm(1.0), optax.sgd(lr)). "
     "optax.MultiSteps and optax.apply_if_finite cannot wrap a zojax optimizer (they read "
     "the incoming updates, which are None here): accumulate with zojax.multi_steps(tx, k); "
     "non-finite steps are already skipped by the estimator. See 'Wrappers' in the optax "
