@@ -313,9 +313,15 @@ def polar_svd(x: chex.Array) -> jax.Array:
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _project_out(q: jax.Array, v: jax.Array) -> jax.Array:
-  """``v - Q^T (Q v)`` for rows ``q`` (..., k, n) and ``v`` (..., n): one Gram-Schmidt pass."""
+def _project_out(q: jax.Array, v: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+  """``v - Q^T (Q v)`` for rows ``q`` (..., k, n) and ``v`` (..., n): one Gram-Schmidt pass.
+
+  ``rows``: a (k,) 0/1 mask; only those rows of ``q`` are projected on (the others'
+  coefficients are zeroed, so they contribute exact zeros).
+  """
   h = jnp.einsum("...kn,...n->...k", q, v, precision=_HIGHEST)
+  if rows is not None:
+    h = h * rows
   return v - jnp.einsum("...kn,...k->...n", q, h, precision=_HIGHEST)
 
 
@@ -357,31 +363,36 @@ def orthonormalize_columns(a: chex.Array) -> jax.Array:
   if k > n:
     raise ValueError(f"orthonormalize_columns needs k <= n columns, got shape {a.shape}.")
   # Rows of ``at`` are the columns of ``a``, each scaled by its largest entry; Q is built row
-  # by row as Q^T (contiguous rows: a loop body about half as costly to compile).
+  # by row as Q^T (contiguous rows: a loop body about half as costly to compile), in place:
+  # row j of the loop's one buffer is replaced by q_j once its projections are done, and
+  # rows j.. (not yet processed) are masked out of every projection. Building Q in a buffer
+  # of its own held one more basis-sized copy (the 50272 x 64 token-table basis of an LM).
   at = jnp.swapaxes(a, -1, -2)
   scale = jnp.max(jnp.abs(at), axis=-1, keepdims=True)
   at = at / jnp.where(scale > 0, scale, 1.0)
-
-  def twice(q, v):
-    v1 = _project_out(q, v)
-    v2 = _project_out(q, v1)
-    return v1, v2
-
-  def kept(after, before):  # Kahan-Parlett: the pass did not cancel (and left something)
-    n_after = _norm(after)
-    return (n_after > 0) & (n_after >= _norm(before) / math.sqrt(2.0))
+  order = jnp.arange(k)
 
   def column(j, q):
-    v = jax.lax.dynamic_index_in_dim(at, j, axis=-2, keepdims=False)
-    # Rows j.. of q are still zero, so projecting on all of q projects on the first j.
-    v1, v2 = twice(q, v)
+    done = (order < j).astype(jnp.float32)  # rows 0..j-1 hold q_0..q_{j-1}
+
+    def twice(v):
+      v1 = _project_out(q, v, done)
+      return v1, _project_out(q, v1, done)
+
+    def kept(after, before):  # Kahan-Parlett: the pass did not cancel (and left something)
+      n_after = _norm(after)
+      return (n_after > 0) & (n_after >= _norm(before) / math.sqrt(2.0))
+
+    v = jax.lax.dynamic_index_in_dim(q, j, axis=-2, keepdims=False)
+    v1, v2 = twice(v)
     ok2 = kept(v2, v1)
 
     def rare():  # cancellation: a third pass, and a fallback for a dependent column
-      v3 = _project_out(q, v2)
-      e = jax.nn.one_hot(jnp.argmin(jnp.sum(q * q, axis=-2), axis=-1), n, dtype=jnp.float32)
-      e1, e2 = twice(q, e)
-      e2 = jnp.where(kept(e2, e1), e2, _project_out(q, e2))
+      v3 = _project_out(q, v2, done)
+      weight = jnp.sum(q * q * done[:, None], axis=-2)
+      e = jax.nn.one_hot(jnp.argmin(weight, axis=-1), n, dtype=jnp.float32)
+      e1, e2 = twice(e)
+      e2 = jnp.where(kept(e2, e1), e2, _project_out(q, e2, done))
       return jnp.where(kept(v3, v2), v3, e2)
 
     w = jax.lax.cond(jnp.all(ok2), lambda: v2, rare)
@@ -389,7 +400,7 @@ def orthonormalize_columns(a: chex.Array) -> jax.Array:
     w = w / _norm(w)
     return jax.lax.dynamic_update_index_in_dim(q, w, j, axis=-2)
 
-  return jnp.swapaxes(jax.lax.fori_loop(0, k, column, jnp.zeros_like(at)), -1, -2)
+  return jnp.swapaxes(jax.lax.fori_loop(0, k, column, at), -1, -2)
 
 
 def random_orthonormal(key: jax.Array, n: int, k: int) -> jax.Array:
