@@ -62,6 +62,9 @@ from examples.lm_prompt import model as model_lib
 from examples.lm_prompt import optimizers, synthetic
 from examples.lm_prompt import pretrain as pretrain_lib
 from examples.lm_prompt import tasks as tasks_lib
+from examples.run_files import UsageError, set_aside, trim_log
+from examples.run_files import check_output_dir as _check_output_dir
+from examples.run_files import check_output_file as _check_output_file
 
 # Hyperparameters per optimizer when --lr (and the others) are not given.
 #
@@ -124,10 +127,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     if action.default is None or isinstance(action.default, bool):
       return action.help
     return super()._get_help_string(action)
-
-
-class UsageError(Exception):
-  """A bad command line, model, data set or environment: one message and exit code 2."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -295,34 +294,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   g.add_argument("--quiet", action="store_true", help="no progress bar and no printed lines.")
   return p.parse_args(argv)
-
-
-def _check_output_file(flag: str, path: str | None) -> None:
-  """``path`` can be created or replaced: its folder exists and is writable."""
-  if path is None:
-    return
-  if os.path.isdir(path):
-    raise UsageError(f"{flag} {path} is a directory; give a file name")
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
-    raise UsageError(f"{flag} {path}: the directory {folder} does not exist")
-  if not os.access(folder, os.W_OK):
-    raise UsageError(f"{flag} {path}: the directory {folder} is not writable")
-  if os.path.exists(path) and not os.access(path, os.W_OK):
-    raise UsageError(f"{flag} {path} is not writable")
-
-
-def _check_output_dir(flag: str, path: str) -> None:
-  """``path`` is a writable directory, or can be made under a writable one."""
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UsageError(f"{flag} {path} is a file, not a directory")
-  existing = os.path.abspath(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
-  if not os.access(existing, os.W_OK):
-    raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
 def _check_args(args: argparse.Namespace, num_devices: int) -> None:
@@ -845,44 +816,6 @@ def _open_manager(directory: str):
   return ocp.CheckpointManager(
     os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=2)
   )
-
-
-def set_aside(directory: str, step: int) -> str:
-  """Renames the damaged checkpoint ``step`` to ``<step>.damaged`` (orbax then ignores it).
-
-  The files are kept for inspection, and the step number is free again for
-  the resumed run's own checkpoint. Returns the new path.
-  """
-  source = os.path.join(directory, str(step))
-  target, n = f"{source}.damaged", 1
-  while os.path.exists(target):
-    n += 1
-    target = f"{source}.damaged{n}"
-  os.rename(source, target)
-  return target
-
-
-def trim_log(path: str, saved: dict | None) -> int:
-  """Cuts the JSON-lines log back to what it held when the resumed checkpoint was saved.
-
-  Lines logged after that checkpoint by a killed run would be logged again.
-  ``saved`` (the checkpoint's ``{"path": ..., "bytes": ...}``, or None) says
-  where the log stood; a log at another path, or shorter than recorded, is
-  left alone. The file is replaced atomically. Returns the lines dropped.
-  """
-  if not saved or saved["path"] != os.path.abspath(path) or not os.path.exists(path):
-    return 0
-  with open(path, "rb") as f:
-    content = f.read()
-  size = saved["bytes"]
-  if len(content) <= size:
-    return 0
-  tail = content[size:]
-  temporary = f"{path}.tmp-{os.getpid()}"
-  with open(temporary, "wb") as f:
-    f.write(content[:size])
-  os.replace(temporary, path)
-  return tail.count(b"\n") + (not tail.endswith(b"\n"))
 
 
 def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple[dict, Any]:

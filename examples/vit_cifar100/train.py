@@ -55,6 +55,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import zojax
+from examples.run_files import UsageError, set_aside, trim_log
+from examples.run_files import check_output_dir as _check_output_dir
+from examples.run_files import check_output_file as _check_output_file
 from examples.vit_cifar100 import data as data_lib
 from examples.vit_cifar100 import model as model_lib
 from examples.vit_cifar100 import optimizers
@@ -96,10 +99,6 @@ DEFAULT_MODEL = {"digits": "digits", "cifar100": "B/16"}
 DEFAULT_IMAGE_SIZE = {"digits": 8, "cifar100": 224}
 NUM_CLASSES = {"digits": 10, "cifar100": 100}
 PRETRAIN_CLASSES = 5  # digits: Adam pretraining sees digits 0-4 only
-
-
-class UsageError(Exception):
-  """A bad command line or environment, reported as one message and exit code 2."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -268,34 +267,6 @@ def resolve_processes(args: argparse.Namespace, environ=os.environ) -> Processes
 
 def _flag(name: str) -> str:
   return "--" + name.replace("_", "-")
-
-
-def _check_output_file(flag: str, path: str | None) -> None:
-  """``path`` can be written: not a directory, in an existing writable directory."""
-  if path is None:
-    return
-  if os.path.isdir(path):
-    raise UsageError(f"{flag} {path} is a directory; give a file name")
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
-    raise UsageError(f"{flag} {path}: the directory {folder} does not exist")
-  if not os.access(folder, os.W_OK):
-    raise UsageError(f"{flag} {path}: the directory {folder} is not writable")
-  if os.path.exists(path) and not os.access(path, os.W_OK):
-    raise UsageError(f"{flag} {path} is not writable")
-
-
-def _check_output_dir(flag: str, path: str) -> None:
-  """``path`` is a writable directory, or one that can be made under a writable one."""
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UsageError(f"{flag} {path} is a file, not a directory")
-  existing = os.path.abspath(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
-  if not os.access(existing, os.W_OK):
-    raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
 def _check_args(
@@ -627,53 +598,6 @@ def _plot(history: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
   fig.savefig(path, dpi=100)
   plt.close(fig)
-
-
-def set_aside(directory: str, step: int) -> str:
-  """Renames the damaged checkpoint ``step`` to ``<step>.damaged`` (orbax then ignores it).
-
-  The files are kept for inspection, and the step number is free again for
-  the resumed run's own checkpoint. Returns the new path.
-  """
-  source = os.path.join(directory, str(step))
-  target, n = f"{source}.damaged", 1
-  while os.path.exists(target):
-    n += 1
-    target = f"{source}.damaged{n}"
-  os.rename(source, target)
-  return target
-
-
-def trim_log(path: str, saved: dict | None) -> int:
-  """Cuts the JSON-lines log back to what it held when the resumed checkpoint was saved.
-
-  A run killed after its last checkpoint logged evaluations that the resumed
-  run logs again. ``saved`` is the checkpoint's record of the log (its
-  absolute path and size then); the lines after that size go, and nothing
-  else: a log at another path, or one shorter than recorded (not the same
-  file), is left alone. The file is replaced atomically.
-
-  Args:
-    path: the ``--log`` file of the resumed run.
-    saved: ``{"path": ..., "bytes": ...}`` from the checkpoint's extras, or
-      None (no log then, or a checkpoint from before this record).
-
-  Returns:
-    The number of lines dropped.
-  """
-  if not saved or saved["path"] != os.path.abspath(path) or not os.path.exists(path):
-    return 0
-  with open(path, "rb") as f:
-    content = f.read()
-  size = saved["bytes"]
-  if len(content) <= size:
-    return 0
-  tail = content[size:]
-  temporary = f"{path}.tmp-{os.getpid()}"
-  with open(temporary, "wb") as f:
-    f.write(content[:size])
-  os.replace(temporary, path)
-  return tail.count(b"\n") + (not tail.endswith(b"\n"))
 
 
 def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple[dict, Any]:
