@@ -47,6 +47,7 @@ Memory is checked on XLA's buffer assignment of a compiled step, which is
 deterministic for a given XLA version (no timing, no allocation).
 """
 
+import collections
 import functools
 
 import jax
@@ -1210,3 +1211,46 @@ def test_lazy_leaves_are_drawn_inside_the_scan():
       assert top == 0 and inside > 0, (top, inside)
     else:
       assert top > 0 and inside == 0, (top, inside)
+
+
+def test_subspace_coordinates_of_stacked_layers_are_drawn_inside_the_scan():
+  # ZO-Muon on stacked layers (one basis per slice, side="out"): the
+  # perturbation of slice i is W_i + (f C_i) P_i^T with C the drawn
+  # coordinates. f C stays a draw (`perturb_at_use.scaled`) and P_i^T a view
+  # (`perturb_at_use.transposed`), so the scan body draws one slice's
+  # coordinates and transposes one slice's basis per iteration; before, the
+  # whole stack of each was formed before the loop (two coordinate-sized
+  # copies of every matrix held through the forward).
+  layers, width = 4, 128
+  params = {"w": _normal(3, (layers, width, width))}
+  fn = lambda p: _scanned_loss(p, jnp.ones((2, width)))
+  tx = zojax.subspace(
+    zojax.zo_grad(num_queries=1, key=1),
+    rank=80,  # width x 80 coordinates per slice: a lazy draw (>= GROUP_BELOW)
+    refresh_every=None,
+    weight_dimension_numbers={"w": MuonDimensionNumbers(1, 2)},
+    key=2,
+  )
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(lambda p, s: tx.update(None, s, p, value_fn=fn))(params, state)
+
+  def placement(j, depth=0, found=None):
+    # erf_inv (a Gaussian draw) and transposes of the whole basis stack, by
+    # scan depth: 0 the step, 1 the queries' loop (a lax.map), 2 the model's scan.
+    found = collections.Counter() if found is None else found
+    for eqn in j.eqns:
+      if eqn.primitive.name == "erf_inv":
+        found["draw", depth] += 1
+      if eqn.primitive.name == "transpose" and eqn.outvars[0].aval.shape == (layers, 80, width):
+        found["stack transpose", depth] += 1
+      inner = depth + (eqn.primitive.name == "scan")
+      for sub in _sub_jaxprs(eqn.params.values()):
+        placement(sub, inner, found)
+    return found
+
+  found = placement(jaxpr.jaxpr)
+  # The forwards draw one slice per iteration of the model's scan; the only
+  # other draw is the estimate's combine after the forwards, and the only
+  # transpose of the basis stack the update's lift.
+  assert found["draw", 2] > 0 and found["draw", 1] == 0 and found["draw", 0] == 1, found
+  assert found["stack transpose", 1] == 0 and found["stack transpose", 0] <= 1, found

@@ -377,7 +377,7 @@ def test_batch_axes_estimate_is_each_slices_projector():
     s = state._replace(inner_state=state.inner_state._replace(count=i))
     return tx.update(None, s, STACKED, value_fn=loss)[0]["w"].reshape(-1)
 
-  samples = jax.jit(lambda xs: jax.lax.map(one, xs))(jnp.arange(4000, dtype=jnp.int32))
+  samples = jax.jit(lambda xs: jax.lax.map(one, xs))(jnp.arange(6000, dtype=jnp.int32))
   p = np.asarray(state.bases[1], np.float64)
   want = np.stack([np.asarray(G3[i], np.float64) @ p[i] @ p[i].T for i in range(NUM_SLICES)])
   stats.assert_mean_matches(samples, want.reshape(-1), what="stacked subspace mean")

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 _WEYL = 0x9E3779B9
+# _WEYL's inverse modulo 2^32 (_WEYL is odd): i W + k0 = (i + k0 W^-1) W mod 2^32.
+_WEYL_INVERSE = 0x144CBC89
 _M1 = 0x85EBCA6B
 _M2 = 0xC2B2AE35
 
@@ -79,7 +81,11 @@ def bits_at(words: tuple[jax.Array, jax.Array], index: jax.Array) -> jax.Array:
   """
   k0, k1 = words
   index = jnp.asarray(index, jnp.uint32)
-  return _fmix32(_fmix32(index * jnp.uint32(_WEYL) + k0) ^ k1)
+  # i W + k0 computed as (i + k0 W^-1) W, the same words: the key enters
+  # before the first element-wise op, so no key-independent array (i W, as
+  # large as the draw) exists for XLA to hoist out of a loop over draws and
+  # keep alive across it.
+  return _fmix32(_fmix32((index + k0 * jnp.uint32(_WEYL_INVERSE)) * jnp.uint32(_WEYL)) ^ k1)
 
 
 def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -119,7 +119,7 @@ class _LowRank(_Deferred):
   right: Any
 
   def materialize(self, zero=None):
-    if isinstance(self.left, _Thunk) or isinstance(self.right, _Thunk):
+    if isinstance(self.left, _Deferred) or isinstance(self.right, _Deferred):
       left, right = _factor(self.left, zero), _factor(self.right, zero)
     else:
       left = self.left if zero is None else self.left + zero.astype(self.left.dtype)
@@ -127,17 +127,36 @@ class _LowRank(_Deferred):
     delta = jnp.matmul(left.astype(jnp.float32), right.astype(jnp.float32))
     return (self.base.astype(jnp.float32) + delta).astype(self.base.dtype)
 
-  def with_concrete_factors(self, zero=None) -> _LowRank:
-    return _LowRank(self.base, _factor(self.left, zero), _factor(self.right, zero))
+  def with_concrete_factors(self, zero=None, keep=lambda f: False) -> _LowRank:
+    """The factors formed now (after ``zero``), except those ``keep`` selects."""
+    left, right = ((f if keep(f) else _factor(f, zero)) for f in (self.left, self.right))
+    return _LowRank(self.base, left, right)
 
 
 def _factor(f, zero):
   """A low-rank factor as an array (a deferred one formed now, after ``zero``)."""
-  return f.materialize(zero) if isinstance(f, _Thunk) else f
+  return f.materialize(zero) if isinstance(f, _Deferred) else f
 
 
 def _shape(f) -> tuple[int, ...]:
-  return tuple(f.shape_like.shape) if isinstance(f, _Thunk) else tuple(jnp.shape(f))
+  if isinstance(f, _Thunk):
+    return tuple(f.shape_like.shape)
+  if isinstance(f, _Lazy):
+    return tuple(jnp.shape(f.base))
+  if isinstance(f, _Transposed):
+    shape = tuple(jnp.shape(f.array))
+    return (*shape[:-2], shape[-1], shape[-2])
+  return tuple(jnp.shape(f))
+
+
+def _dtype(f):
+  if isinstance(f, _Thunk):
+    return f.shape_like.dtype
+  if isinstance(f, _Lazy):
+    return jnp.result_type(f.base)
+  if isinstance(f, _Transposed):
+    return jnp.result_type(f.array)
+  return jnp.result_type(f)
 
 
 def low_rank(base, left, right) -> _Deferred:
@@ -160,6 +179,61 @@ def deferred(fn: Callable[[jax.Array | None], jax.Array], shape_like) -> _Deferr
   is scheduled late). ``shape_like`` has the value's shape and dtype.
   """
   return _Thunk(fn, jax.ShapeDtypeStruct(shape_like.shape, jnp.result_type(shape_like.dtype)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transposed(_Deferred):
+  """An array's transpose over its last two axes, formed where it is used.
+
+  As a factor of a stacked `low_rank` leaf, a scan forms the transpose of one
+  layer's slice per iteration: transposing the whole stack (a copy, as
+  XLA's matmuls want the layout) would be made before the loop and held
+  through it.
+  """
+
+  array: Any
+
+  def materialize(self, zero=None):
+    del zero
+    return jnp.swapaxes(self.array, -1, -2)
+
+
+def transposed(x: jax.Array) -> _Deferred:
+  """``swapaxes(x, -1, -2)`` as a `low_rank` factor, formed per slice inside a scan."""
+  return _Transposed(x)
+
+
+def scaled(value, factor: float, *, zero_base: bool = False):
+  """``factor * value`` for a deferred leaf, still deferred.
+
+  A perturbed draw ``round(base + s z)`` stays a draw,
+  ``round(factor base + (factor s) z)`` (equal up to float rounding): a
+  `lax.scan` over stacked layers then forms one layer's slice of it per
+  iteration, as it does for the leaf itself, where a `deferred` function of
+  the draw would be formed for the whole stack before the loop. Other values
+  are multiplied now (arrays) or when formed (other deferred values).
+
+  Args:
+    value: an array or a deferred value.
+    factor: a Python float.
+    zero_base: the caller knows the draw's base is zero (`zojax.subspace`'s
+      coordinates): a scan then makes each slice's zero base inside the loop
+      instead of slicing a stack of zeros.
+
+  Returns:
+    The scaled value, deferred where ``value`` is.
+  """
+  if isinstance(value, _Lazy) and value.base.dtype == jnp.float32:
+    return dataclasses.replace(
+      value,
+      base=value.base * jnp.float32(factor),
+      scale=value.scale * jnp.float32(factor),
+      zero_base=zero_base,
+    )
+  if isinstance(value, _Deferred):
+    like = jax.eval_shape(lambda: concrete(value))
+    return deferred(lambda zero: value.materialize(zero) * jnp.asarray(factor, like.dtype), like)
+  return value * factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +318,7 @@ class _Lazy(_Deferred):
     distribution: ``"gaussian"`` or ``"rademacher"``.
     sentinel: whether some indices are ``0xFFFFFFFF``, elements a fill-mode
       gather read out of bounds, which keep their (fill) value.
+    zero_base: ``base`` is known to be zero (see `scaled`).
   """
 
   base: Any
@@ -254,6 +329,7 @@ class _Lazy(_Deferred):
   index: Callable[[jax.Array], jax.Array] | None
   distribution: str
   sentinel: bool = False
+  zero_base: bool = False
 
   def indices(self, zero: jax.Array) -> jax.Array:
     """uint32 flat indices of the view's elements in the leaf (plus ``zero``)."""
@@ -311,7 +387,11 @@ def _contiguous_indices(shape: tuple[int, ...], start: jax.Array) -> jax.Array:
 
   Built from one small 1-D iota per axis, broadcast and added: XLA fuses that
   into the draw, where a ``shape``-sized iota would be hoisted out of loops
-  and stored.
+  and stored. ``start`` (which carries the draw's data-dependent zero) joins
+  the first line added, so no partial sum of the lines is loop-invariant
+  either: with it on the outermost axis, XLA hoisted the sum of the inner
+  axes' lines (an index array of the whole stack of a scanned leaf's
+  coordinates) out of the queries' loop.
   """
   if not shape:
     return start
@@ -319,7 +399,7 @@ def _contiguous_indices(shape: tuple[int, ...], start: jax.Array) -> jax.Array:
   stride = 1
   for axis in range(len(shape) - 1, -1, -1):
     line = lax.iota(jnp.uint32, shape[axis]) * jnp.uint32(stride)
-    if axis == 0:
+    if axis == len(shape) - 1:
       line = line + start
     part = lax.broadcast_in_dim(line, shape, (axis,))
     out = part if out is None else out + part
@@ -428,11 +508,11 @@ def _low_rank_view(eqn, lazy: _LowRank, rest):
       (base,) = _bind(eqn, [lazy.base, indices])
       rank = _shape(lazy.left)[-1]
       params = dict(p, slice_sizes=(1, rank))
-      if isinstance(lazy.left, _Thunk):
+      if isinstance(lazy.left, _Deferred):
         source = lazy.left
         left = _Thunk(
           lambda zero: _bind(eqn, [source.materialize(zero), indices], params)[0],
-          jax.ShapeDtypeStruct((*base.shape[:-1], rank), source.shape_like.dtype),
+          jax.ShapeDtypeStruct((*base.shape[:-1], rank), _dtype(source)),
         )
       else:
         (left,) = _bind(eqn, [lazy.left, indices], params)
@@ -472,6 +552,37 @@ def _sliceable(x, length: int) -> bool:
   return False
 
 
+def _sliced_draw(f) -> bool:
+  """Whether a low-rank factor is a contiguous draw a scan can form one slice at a time."""
+  return isinstance(f, _Lazy) and f.index is None
+
+
+def _formed_per_slice(f) -> bool:
+  """Whether a scan forms a low-rank factor one slice per iteration (not before the loop)."""
+  return _sliced_draw(f) or isinstance(f, _Transposed)
+
+
+def _draw_slice_source(f):
+  """What a scan iterates over for a factor: the base of a draw (None if zero), else the array."""
+  if _sliced_draw(f):
+    return None if f.zero_base else f.base
+  if isinstance(f, _Transposed):
+    return f.array
+  return f
+
+
+def _draw_slice(f, piece, step):
+  """Iteration ``step``'s slice of a factor, from its slice of `_draw_slice_source`."""
+  if isinstance(f, _Transposed):
+    return jnp.swapaxes(piece, -1, -2)
+  if not _sliced_draw(f):
+    return piece
+  shape = f.base.shape[1:]
+  base = jnp.zeros(shape, f.base.dtype) if f.zero_base else piece
+  offset = jnp.asarray(f.offset, jnp.uint32) + step * jnp.uint32(math.prod(shape))
+  return dataclasses.replace(f, base=base, offset=offset)
+
+
 def _scan_rule(eqn, invals):
   """Perturbs a stacked leaf one slice per iteration, inside the scan body.
 
@@ -501,13 +612,18 @@ def _scan_rule(eqn, invals):
   if any(isinstance(xs[i], _LowRank) for i in sliced):
     # Deferred factors (drawn coordinates, one slice per layer) are formed
     # before the loop, after its other inputs; the body slices them.
+    # Contiguous draws (`scaled` coordinates) stay draws, sliced per iteration.
     zero = _zero_depending_on([v for v in front if v is not None])
     xs = [
-      x.with_concrete_factors(zero) if i in sliced and isinstance(x, _LowRank) else x
+      x.with_concrete_factors(zero, keep=_formed_per_slice)
+      if i in sliced and isinstance(x, _LowRank)
+      else x
       for i, x in enumerate(xs)
     ]
   pieces = [
-    (xs[i].base, xs[i].left, xs[i].right) if isinstance(xs[i], _LowRank) else (xs[i].base,)
+    (xs[i].base, _draw_slice_source(xs[i].left), _draw_slice_source(xs[i].right))
+    if isinstance(xs[i], _LowRank)
+    else (xs[i].base,)
     for i in sliced
   ]
   body = p["jaxpr"]
@@ -521,7 +637,10 @@ def _scan_rule(eqn, invals):
         lazy = xs[i]
         piece = next(it)
         if isinstance(lazy, _LowRank):
-          args.append(_LowRank(*piece))
+          base, left, right = piece
+          args.append(
+            _LowRank(base, _draw_slice(lazy.left, left, step), _draw_slice(lazy.right, right, step))
+          )
           continue
         if isinstance(lazy, _Patched):
           args.append(_patched_slice(lazy, piece[0], step))

@@ -355,12 +355,19 @@ class _Assemble:
       c = c.astype(jnp.float32)
       return orient(f * (c @ _t(b[1])) if side == "both" else f * c)
 
-    fixed = orient({"out": lambda: _t(b), "in": lambda: b, "both": lambda: b[0]}[side]())
+    fixed_of = {"out": lambda: _t(b), "in": lambda: b, "both": lambda: b[0]}[side]
     if isinstance(c, jax.Array):
-      moving = moving_of(c)
+      moving, fixed = moving_of(c), orient(fixed_of())
+    elif side != "both" and not transposed:
+      # f * (a draw around the zero coordinates) is still a draw, and the
+      # basis's transpose a view: a scan over stacked layers forms one
+      # layer's slice of each per iteration.
+      moving = perturb_at_use.scaled(c, f, zero_base=True)
+      fixed = perturb_at_use.transposed(b) if side == "out" else b
     else:  # deferred coordinates (a perturbed draw): the factor is deferred too
       like = jax.eval_shape(lambda: moving_of(perturb_at_use.concrete(c)))
       moving = perturb_at_use.deferred(lambda zero: moving_of(c.materialize(zero)), like)
+      fixed = orient(fixed_of())
     left, right = (moving, fixed) if side == "out" else (fixed, moving)
     return (right, left) if transposed else (left, right)
 
@@ -826,6 +833,11 @@ def subspace(
     def lift_update(u, spec, b, x):
       if spec is None:
         return _unflat(u, x)
+      # The basis factor (often a transposed copy of the basis) is formed
+      # only once the update exists: it depends on the state alone, and XLA
+      # otherwise made every matrix's copy at the start of the step and held
+      # them all through the forward passes.
+      b = jax.tree.map(lambda a: ordering.after(a, u), b)
       factors = assemble._low_rank_factors(spec, b, u)
       if factors is not None:  # formed in the leaf's own layout: no transpose of a full matrix
         left, right = factors
