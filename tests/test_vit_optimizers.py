@@ -6,8 +6,10 @@ subspace methods, and its MeZO-BCD block (`vit_blocks`).
 """
 
 import dataclasses
+import re
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +165,57 @@ def test_zo_mopi_gets_k_below_the_rank(rank, k):
   power = optax.tree_utils.tree_get(state, "PowerIterationState")
   mlp = _by_path(power.v)["['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']"]
   assert mlp.shape[-1] == k  # coordinates (64, min(rank, 128)): k below both
+
+
+def test_blocks_are_the_layers_then_the_head_with_the_embeddings_frozen():
+  """MeZO-BCD as its reference: a block per layer, embeddings out, the head block last."""
+  params = _digits_params()
+  blocks = _by_path(optimizers.vit_blocks(params))
+  num_layers = model_lib.get_config("digits").num_layers
+  expected = {}
+  for path in _by_path(params):
+    layer = re.search(r"encoderblock_(\d+)", path)
+    if layer:
+      expected[path] = int(layer.group(1))
+    elif path.startswith(("['embedding']", "['cls']", "['Transformer']['posembed_input']")):
+      expected[path] = -1
+    else:
+      expected[path] = num_layers
+  assert blocks == expected
+  assert {path for path, b in blocks.items() if b == num_layers} == {
+    "['Transformer']['encoder_norm']['bias']",
+    "['Transformer']['encoder_norm']['scale']",
+    "['head']['bias']",
+    "['head']['kernel']",
+  }
+  assert sorted(set(blocks.values())) == [-1, *range(num_layers + 1)]
+
+
+def test_mezo_bcd_trains_the_zero_head_and_never_the_embeddings():
+  """From a zero head: the head block's steps move the head, the embeddings stay put."""
+  model, params = model_lib.create("digits", NUM_CLASSES, key=jax.random.key(0))
+  images = jax.random.normal(jax.random.key(2), (16, 8, 8, 1))
+  labels = jnp.arange(16) % NUM_CLASSES
+  logits = model_lib.make_logits(model)
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+    logits(p, images), labels
+  ).mean()
+  opt = optimizers.make("mezo_bcd", 1e-2, refresh_every=1, seed=0)
+  state = opt.tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    updates, s = opt.tx.update(None, s, p, value_fn=loss)
+    return optax.apply_updates(p, updates), s
+
+  num_blocks = model_lib.get_config("digits").num_layers + 1
+  new = params
+  for _ in range(2 * num_blocks):  # two epochs of random reshuffling: each block active twice
+    new, state = step(new, state)
+  assert float(jnp.abs(new["head"]["kernel"]).max()) > 0
+  for frozen in ("embedding", "cls"):
+    chex.assert_trees_all_equal(new[frozen], params[frozen])
+  chex.assert_trees_all_equal(
+    new["Transformer"]["posembed_input"], params["Transformer"]["posembed_input"]
+  )
+  assert float(loss(new)) < float(loss(params))

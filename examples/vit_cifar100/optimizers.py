@@ -96,19 +96,57 @@ def vit_dimension_numbers(params) -> Any:
   return jax.tree_util.tree_map_with_path(view, params)
 
 
-def vit_blocks(params) -> Any:
-  """MeZO-BCD blocks of a ViT: one per encoder block, plus one for the rest.
+# Leaves MeZO-BCD never trains: the embeddings (the reference's include_embedding=False).
+EMBEDDINGS = ("embedding", "cls", "posembed_input")
 
-  The embedding, class token, position embedding, final norm and head form
-  block 0; ``encoderblock_i`` is block ``i + 1``.
+
+def _layer(path) -> int | None:
+  """The ``i`` of the ``encoderblock_i`` a leaf lives under, or None."""
+  for entry in path:
+    match = re.fullmatch(r"encoderblock_(\d+)", str(getattr(entry, "key", entry)))
+    if match:
+      return int(match.group(1))
+  return None
+
+
+def vit_blocks(params) -> Any:
+  """MeZO-BCD's blocks for the ViT, as its reference code makes them for a transformer.
+
+  The reference (siihwanpark/zo-block, ALGORITHMS.md 5.2) makes one block per
+  transformer layer; embeddings join the cycle only with
+  ``include_embedding`` and the LM head "plus all other parameters" only
+  with ``include_lm_head`` (both False by default: never trained). Here:
+
+  * ``encoderblock_i`` is block ``i``, one per layer;
+  * the patch embedding, class token and position embedding get ``-1``
+    (frozen, ``include_embedding=False``);
+  * the head with every other leaf (``encoder_norm``, ``pre_logits`` if
+    any) is block ``L`` (``include_lm_head=True``).
+
+  The head is in the cycle because this example's tasks replace it by a
+  new zero-initialised head, which must be trained (a frozen zero head gives
+  zero logits and chance accuracy). As its own block it is trained the way
+  the reference trains a head when asked to, one block among ``L + 1``, with
+  no library mechanism the reference lacks. While the head is still zero the
+  loss does not depend on the encoder, so the layer blocks' finite
+  differences are exactly zero until the head has had a turn.
+
+  Args:
+    params: the ViT's parameters.
+
+  Returns:
+    A pytree of int block ids with the structure of ``params``.
   """
+  paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  head_block = len({_layer(path) for path in paths} - {None})
 
   def block(path, _):
-    for entry in path:
-      match = re.fullmatch(r"encoderblock_(\d+)", str(getattr(entry, "key", entry)))
-      if match:
-        return int(match.group(1)) + 1
-    return 0
+    layer = _layer(path)
+    if layer is not None:
+      return layer
+    if any(str(getattr(entry, "key", entry)) in EMBEDDINGS for entry in path):
+      return -1
+    return head_block
 
   return jax.tree_util.tree_map_with_path(block, params)
 
