@@ -16,7 +16,7 @@ KEYED = {
   "mezo": lambda **kw: zojax.mezo(1e-2, **kw),
   "mezo_bcd": lambda **kw: zojax.mezo_bcd(1e-2, switch_every=1, **kw),
   "zo_muon": lambda **kw: zojax.zo_muon(1e-2, rank=1, **kw),
-  "zo_mopi": lambda **kw: zojax.zo_mopi(1e-2, rank=1, k=1, **kw),
+  "zo_mopi": lambda **kw: zojax.zo_mopi(1e-2, rank=2, k=1, **kw),
   "lozo": lambda **kw: zojax.lozo(1e-2, rank=1, **kw),
   "lozo_m": lambda **kw: zojax.lozo_m(1e-2, rank=1, **kw),
   "subzero": lambda **kw: zojax.subzero(1e-2, rank=1, **kw),
@@ -30,7 +30,7 @@ KEYED = {
 DIMS = optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=0)
 VIEWED = {
   "zo_muon": lambda **kw: zojax.zo_muon(1e-2, rank=1, **kw),
-  "zo_mopi": lambda **kw: zojax.zo_mopi(1e-2, rank=1, k=1, **kw),
+  "zo_mopi": lambda **kw: zojax.zo_mopi(1e-2, rank=2, k=1, **kw),
   "lozo": lambda **kw: zojax.lozo(1e-2, rank=1, **kw),
   "lozo_m": lambda **kw: zojax.lozo_m(1e-2, rank=1, **kw),
   "subzero": lambda **kw: zojax.subzero(1e-2, rank=1, **kw),

@@ -1,6 +1,8 @@
 """Tests for zojax.orthogonalizers: lifting, exactness, the Newton-Schulz band, power iteration,
 use in first-order chains, matrix views, errors."""
 
+import warnings
+
 import chex
 import hypothesis
 import jax
@@ -168,7 +170,8 @@ class PowerIterationTest(parameterized.TestCase):
     params = {"w": f32(rng.normal(size=(10, 12))), "small": f32(rng.normal(size=(4, 3)))}
     params["b"] = jnp.ones(3)
     tx = orth.orthogonalize("power_iteration", rank=5, key=7)
-    state = tx.init(params)
+    with pytest.warns(UserWarning, match=r"\['small'\]"):  # k = 5 >= 3: see the warning tests
+      state = tx.init(params)
     self.assertIsNone(state.v["b"])
     self.assertEqual(state.v["w"].shape, (1, 10, 5))  # V spans fan_in (flax axis 0)
     self.assertEqual(state.v["small"].shape, (1, 4, 3))  # rank clamped to min(4, 3)
@@ -178,8 +181,36 @@ class PowerIterationTest(parameterized.TestCase):
     np.testing.assert_allclose(new_state.v["w"][0], v_ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out["small"]) ** 2, 3.0, rtol=1e-5)
     np.testing.assert_array_equal(out["b"], params["b"])
-    other = orth.orthogonalize("power_iteration", rank=5, key=8).init(params)
+    with pytest.warns(UserWarning, match=r"\['small'\]"):
+      other = orth.orthogonalize("power_iteration", rank=5, key=8).init(params)
     self.assertFalse(np.allclose(other.v["w"], state.v["w"]))
+
+  @parameterized.parameters(3, 4, 8)
+  def test_warns_once_listing_leaves_where_k_spans_every_direction(self, k):
+    params = {
+      "a": jnp.ones((6, 3)),  # smaller dimension 3
+      "conv": jnp.ones((2, 2, 1, 8)),  # (4, 8): smaller dimension 4
+      "wide": jnp.ones((16, 16)),
+      "row": jnp.ones((1, 5)),  # a dimension of 1: k >= 1 always, never listed
+      "b": jnp.ones(3),
+    }
+    tx = orth.orthogonalize("power_iteration", rank=k)
+    with pytest.warns(UserWarning, match="full orthogonalization") as record:
+      jax.jit(tx.init)(params)  # at trace time is fine: shapes are static
+    self.assertLen(record, 1)
+    message = str(record[0].message)
+    expected = {"a": k >= 3, "conv": k >= 4, "wide": False, "row": False, "b": False}
+    for name, listed in expected.items():
+      self.assertEqual(f"['{name}']" in message, listed, (name, message))
+
+  @parameterized.parameters(1, 2)
+  def test_no_warning_below_every_smaller_dimension(self, k):
+    params = {"a": jnp.ones((6, 3)), "conv": jnp.ones((2, 2, 1, 8)), "row": jnp.ones((1, 5))}
+    tx = orth.orthogonalize("power_iteration", rank=k)
+    with warnings.catch_warnings(record=True):
+      warnings.simplefilter("error")
+      state = tx.init(params)
+      tx.update(params, state)
 
 
 class TransformTest(chex.TestCase):

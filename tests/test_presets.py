@@ -1,5 +1,7 @@
 """Tests for zojax.presets."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -90,6 +92,8 @@ def _classification_problem():
 
 
 FORWARD_BUDGET = 3000
+# ZO-MOPI's k stays below every leaf's clamped rank (4 for "out"), so its
+# power iteration is partial everywhere (no no-op warning).
 PRESETS = {
   "mezo": (lambda: zojax.mezo(0.03), 2),  # 0.05 is at the edge of stability here
   "zo_muon": (
@@ -98,7 +102,7 @@ PRESETS = {
   ),
   "zo_mopi": (
     lambda: zojax.zo_mopi(
-      0.02, rank=8, k=4, refresh_every=50, num_queries=4, vector_learning_rate=0.02
+      0.02, rank=8, k=3, refresh_every=50, num_queries=4, vector_learning_rate=0.02
     ),
     5,
   ),
@@ -106,7 +110,7 @@ PRESETS = {
     lambda: zojax.zo_mopi(
       0.05,
       rank=8,
-      k=4,
+      k=3,  # < 4, the rank of the 4-wide output layer: partial there too
       beta=0.0,
       refresh_every=1,
       anchored=False,
@@ -143,3 +147,28 @@ def test_split_learning_rates():
   updates, _ = tx.update(params, tx.init(params), params)
   np.testing.assert_allclose(updates["kernel"], -0.5 * np.ones((2, 3)))
   np.testing.assert_allclose(updates["bias"], -0.01 * np.ones(3))
+
+
+# ZO-MOPI's k >= rank: both rank-k mechanisms are no-ops (a full
+# orthogonalization, an anchor that keeps the whole basis), so construction warns.
+
+
+@pytest.mark.parametrize("k, rank", [(8, 8), (9, 8), (1, 1)])
+def test_zo_mopi_warns_when_k_reaches_the_rank(k, rank):
+  with pytest.warns(UserWarning, match=rf"k={k} >= rank={rank}.*k = rank // 2"):
+    zojax.zo_mopi(rank=rank, k=k)
+
+
+def test_zo_mopi_random_refresh_warning_does_not_mention_the_anchor():
+  with pytest.warns(UserWarning, match="full orthogonalization") as record:
+    zojax.zo_mopi(rank=4, k=4, anchored=False)
+  assert "anchored" not in str(record[0].message)
+
+
+@pytest.mark.parametrize("anchored", [True, False])
+def test_zo_mopi_with_k_below_the_rank_does_not_warn(anchored):
+  params = {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}
+  with warnings.catch_warnings(record=True):
+    warnings.simplefilter("error")
+    tx = zojax.zo_mopi(rank=8, k=4, anchored=anchored)
+    tx.init(params)  # nor at init: no leaf's rank is clamped to 4 or less

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import chex
 import jax
@@ -212,6 +213,62 @@ def test_momentum_anchored_basis_keeps_momentum_directions():
   anchor = p_old @ vt[:2].T
   residual = anchor - p_new @ (p_new.T @ anchor)
   np.testing.assert_allclose(residual, np.zeros_like(residual), atol=1e-5)
+
+
+def _momentum_subspace(rank, anchor_rank, refresh_every=3):
+  inner = optax.chain(zojax.zo_grad(num_queries=2, key=0), optax.ema(0.5))
+  return zojax.subspace(
+    inner, rank=rank, refresh_every=refresh_every, basis="momentum", anchor_rank=anchor_rank
+  )
+
+
+def test_anchor_reaching_the_rank_keeps_the_subspace_and_warns():
+  """anchor_rank = rank: the refresh rotates the basis within its old span, and init says so."""
+  params = {"w": jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)}
+  g = jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)
+  tx = _momentum_subspace(rank=4, anchor_rank=4)
+  with pytest.warns(UserWarning, match=r"anchor_rank=4.*\['w'\] \(rank 4\).*never changes"):
+    state = tx.init(params)
+  step = jax.jit(lambda s: tx.update(None, s, params, value_fn=lambda q: jnp.sum(g * q["w"]))[1])
+  for _ in range(3):
+    state = step(state)
+  p_old, p_new = state.bases[0], step(state).bases[0]
+  np.testing.assert_allclose(p_new @ p_new.T, p_old @ p_old.T, atol=1e-5)
+
+
+def test_anchor_warning_is_per_leaf_after_clamping():
+  """rank 8 with anchor 4 is fine on a 16-wide matrix, a no-op on a 4-wide one."""
+  params = {
+    "wide": jnp.ones((6, 16)),
+    "narrow": jnp.ones((6, 4)),
+    "row": jnp.ones((1, 1, 16)),  # viewed (1 x 16) below: fan_out 1, basis +-1 anyway
+    "thin_in": jnp.ones((2, 16)),  # fan_in 2 < rank: the refresh keeps 2 of 8 directions
+    "b": jnp.zeros(4),
+  }
+  default = MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+  dims = {
+    "wide": default,
+    "narrow": default,
+    "row": MuonDimensionNumbers(reduction_axis=(1, 2), output_axis=0),
+    "thin_in": default,
+    "b": None,
+  }
+  inner = optax.chain(zojax.zo_grad(key=0), optax.ema(0.5))
+  tx = zojax.subspace(inner, rank=8, basis="momentum", anchor_rank=4, weight_dimension_numbers=dims)
+  with pytest.warns(UserWarning) as record:
+    tx.init(params)
+  assert len(record) == 1
+  message = str(record[0].message)
+  assert "['narrow'] (rank 4)" in message
+  assert all(f"['{name}']" not in message for name in ("wide", "row", "thin_in", "b"))
+
+
+@pytest.mark.parametrize("rank, anchor_rank, refresh_every", [(4, 2, 3), (4, 4, None), (2, 1, 3)])
+def test_anchor_below_every_leaf_rank_does_not_warn(rank, anchor_rank, refresh_every):
+  params = {"w": jnp.ones((6, 8)), "b": jnp.zeros(8)}
+  with warnings.catch_warnings(record=True):
+    warnings.simplefilter("error")
+    _momentum_subspace(rank, anchor_rank, refresh_every).init(params)
 
 
 def test_rank_is_clamped_and_vectors_pass_through():

@@ -22,6 +22,7 @@ method orthogonalizing its small ``r x n`` factor) can call them directly.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -493,6 +494,26 @@ def power_iteration_step(m: chex.Array, v: chex.Array) -> tuple[jax.Array, jax.A
 # --------------------------------------------------------------------------- transform
 
 
+def _warn_full_power_iteration(rank: int, full: list[tuple[str, int]]) -> None:
+  """Warns that the power iteration of rank ``rank`` spans every direction of ``full``'s leaves.
+
+  Args:
+    rank: the power-iteration rank ``k``.
+    full: ``(leaf path, smaller matrix dimension)`` of each such leaf.
+  """
+  if not full:
+    return
+  listed = ", ".join(f"{path} (smaller dimension {dim})" for path, dim in full)
+  warnings.warn(
+    f"orthogonalize('power_iteration', rank={rank}): k={rank} >= the smaller dimension of "
+    f"the matrix of {listed}. There the rank-k power iteration keeps every direction: it is "
+    "a full orthogonalization, not ZO-MOPI's partial one. Use k < that dimension (e.g. the "
+    "released recipe's k = rank // 2 on zo_mopi's rank-r coordinates) for a partial one.",
+    UserWarning,
+    stacklevel=3,
+  )
+
+
 def _check_construction(method, ns_steps, ns_coeffs, eps, rank):
   """Checks the hyperparameters; returns ``(ns_steps, eps, rank)`` (rank may be a tracer)."""
   if method not in METHODS:
@@ -565,6 +586,10 @@ def orthogonalize(
     eps: added to ``||G||_F`` before the Newton-Schulz normalisation.
     rank: the power-iteration rank ``k >= 1`` (required for, and only for,
       ``"power_iteration"``); clamped per leaf to ``min(fan_in, fan_out)``.
+      Where ``k >= min(fan_in, fan_out)`` the sweep keeps every direction, a
+      full orthogonalization rather than a partial one: ``init`` then issues
+      one `UserWarning` naming those leaves (leaves with a dimension of 1,
+      where no ``k < 1`` exists, are left out).
     key: an integer or a `jax.random` key for the initial ``V``
       (``"power_iteration"`` only; one key per leaf via `zojax.keys.leaf_keys`;
       ``seed=``, its former name, is deprecated).
@@ -634,7 +659,8 @@ def orthogonalize(
     leaves, treedef = jax.tree.flatten(params)
     dims = treedef.flatten_up_to(resolve_dimension_numbers(weight_dimension_numbers, params))
     leaf_keys = keys_lib.leaf_keys(key, params)
-    vs = []
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    vs, full = [], []
     for i, (x, dn) in enumerate(zip(leaves, dims)):
       if dn is None:
         vs.append(None)
@@ -642,8 +668,11 @@ def orthogonalize(
       matrix, _ = matrix_view(x, dn)
       batch, fan_in, fan_out = matrix.shape
       k = min(rank, fan_in, fan_out)
+      if rank >= min(fan_in, fan_out) > 1:
+        full.append((paths[i] or "the root", min(fan_in, fan_out)))
       batch_keys = jax.random.split(leaf_keys[i], batch)
       vs.append(jax.vmap(lambda kk, n=fan_in, k=k: random_orthonormal(kk, n, k))(batch_keys))
+    _warn_full_power_iteration(rank, full)
     return PowerIterationState(v=treedef.unflatten(vs))
 
   def update_fn(updates, state, params=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -326,6 +327,22 @@ def zo_muon(
   )
 
 
+def _warn_full_rank_k(k: int, rank: int, anchored: bool) -> None:
+  """Warns that ZO-MOPI's ``k >= rank`` turns its two rank-``k`` mechanisms into no-ops."""
+  anchor = (
+    " and the anchored refresh keeps the whole old basis, so the subspace never changes"
+    if anchored
+    else ""
+  )
+  warnings.warn(
+    f"zo_mopi: k={k} >= rank={rank}: k is clamped to the rank, so the power iteration is a "
+    f"full orthogonalization of the rank-{rank} coordinates (not a partial one){anchor}. "
+    f"Use k < rank, e.g. the released recipe's k = rank // 2 (here k={max(1, rank // 2)}).",
+    UserWarning,
+    stacklevel=3,
+  )
+
+
 def zo_mopi(
   learning_rate: optax.ScalarOrSchedule = 1e-2,
   *,
@@ -379,8 +396,12 @@ def zo_mopi(
   Args:
     learning_rate: ``eta`` for matrices.
     rank: ``r``; None means 64.
-    k: rank of the partial orthogonalization (and of the anchor); None
-      means 32.
+    k: rank of the partial orthogonalization (and of the anchor), clamped
+      to ``rank``; None means 32. With ``k >= rank`` the power iteration is a
+      full orthogonalization and the anchored refresh keeps the whole basis
+      (the subspace never changes), so construction then issues a
+      `UserWarning` (as `zojax.subspace` and `zojax.orthogonalize` do at
+      ``init`` for leaves whose clamped ranks make ``k`` reach them).
     beta: momentum ``beta`` in [0, 1) (0 disables it).
     refresh_every: ``T``.
     anchored: momentum-anchored refresh (True) or random refresh.
@@ -407,7 +428,7 @@ def zo_mopi(
     >>> import jax, jax.numpy as jnp, optax, zojax
     >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(4)}
     >>> loss = lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2)
-    >>> tx = zojax.zo_mopi(learning_rate=1e-2, rank=2, k=2, key=0)
+    >>> tx = zojax.zo_mopi(learning_rate=1e-2, rank=2, k=1, key=0)
     >>> state = tx.init(params)
     >>> @jax.jit
     ... def step(params, state, x):
@@ -432,6 +453,8 @@ def zo_mopi(
   # Python's min for concrete ranks, jnp's for traced ones (optax.inject_hyperparams).
   static = isinstance(k, int) and isinstance(rank, int)
   anchor_rank = min(k, rank) if static else jnp.minimum(k, rank)
+  if static and k >= rank:
+    _warn_full_rank_k(k, rank, anchored)
   inner = optax.chain(
     zo_grad(
       loss_fn,

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -579,6 +580,38 @@ def _first_param_shaped(state, template):
   return [x for _, x in found[:num]]
 
 
+def _warn_static_anchor(geo: _Geometry, params, anchor_rank: int) -> None:
+  """Warns if an anchored refresh keeps the whole basis of some leaf (see `subspace`).
+
+  For a leaf of (clamped) rank ``r`` the refresh keeps
+  ``min(anchor_rank, r, fan_in)`` old directions; when that is ``r`` it keeps
+  them all and the new basis spans the old one. Leaves with ``fan_out = 1``
+  (a row, e.g. a class token in PyTorch's layout) are left out: their basis
+  is +-1 whatever the anchor.
+
+  Args:
+    geo: the geometry of ``params``.
+    params: the parameters (for the leaf paths).
+    anchor_rank: the concrete anchor rank.
+  """
+  paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  kept = [
+    f"{paths[i] or 'the root'} (rank {spec.rank})"
+    for i, spec in enumerate(geo.specs)
+    if spec is not None and spec.fan_out > 1 and min(anchor_rank, spec.fan_in) >= spec.rank
+  ]
+  if kept:
+    warnings.warn(
+      f'subspace(basis="momentum", anchor_rank={anchor_rank}): anchor_rank >= the rank of '
+      f"{', '.join(kept)} (ranks are clamped to each matrix's output dimension). The anchored "
+      "refresh keeps every direction of the old basis there, so that subspace never changes. "
+      "Use anchor_rank < rank (e.g. the released recipe's k = rank // 2), a smaller rank for "
+      'narrow matrices, or basis="haar".',
+      UserWarning,
+      stacklevel=3,
+    )
+
+
 def subspace(
   inner: optax.GradientTransformation,
   rank: int,
@@ -634,7 +667,12 @@ def subspace(
     refresh_every: redraw the basis every this many steps (None: never).
     side: ``"out"``, ``"in"`` or ``"both"``.
     basis: ``"haar"``, ``"gaussian"`` or ``"momentum"``.
-    anchor_rank: ``k`` for ``basis="momentum"`` (``1 <= k <= rank``).
+    anchor_rank: ``k`` for ``basis="momentum"`` (``1 <= k <= rank``). Where
+      ``k`` reaches a leaf's effective rank (its rank clamped to its output
+      dimension) the refresh keeps the whole old basis and that leaf's
+      subspace never changes: ``init`` then issues one `UserWarning` naming
+      those leaves (not for leaves with an output dimension of 1, whose
+      basis is +-1 anyway, nor with ``refresh_every=None``).
     scale: None or ``"sqrt_mn_over_r"`` (applies to perturbations and updates).
     update_scale: None, or ``"inverse_rank"`` to multiply the lifted updates
       (not the perturbations) of each matrix by ``1 / r`` (its clamped rank):
@@ -755,6 +793,8 @@ def subspace(
 
   def init_fn(params):
     geo = geometry_of(params)
+    if basis == "momentum" and refresh_every is not None and isinstance(anchor_rank, int):
+      _warn_static_anchor(geo, params, anchor_rank)
     bases = draw_bases(geo, basis_key, jnp.zeros([], jnp.int32))
     return SubspaceState(
       count=jnp.zeros([], jnp.int32),
