@@ -114,6 +114,10 @@ def _base(
     vector_learning_rate = learning_rate / 100
   if name in ("zo_muon", "zo_mopi"):
     preset = zojax.zo_muon if name == "zo_muon" else zojax.zo_mopi
+    # ZO-MOPI at a chosen rank keeps the released recipe's k = r / 2: its
+    # default k (32) would reach a small rank, where the power iteration is a
+    # full orthogonalization and the anchored refresh keeps the whole basis.
+    extra = given(k=max(1, rank // 2) if name == "zo_mopi" and rank is not None else None)
     tx = preset(
       learning_rate,
       eps=eps,
@@ -121,6 +125,7 @@ def _base(
       weight_dimension_numbers=dims,
       key=seed,
       **given(num_queries=num_queries, rank=rank, refresh_every=refresh_every),
+      **extra,
     )
     q = num_queries or zojax.presets.DEFAULTS[name]["num_queries"]
     return tx, zojax.forwards_per_step(q, "one_sided")
@@ -155,7 +160,8 @@ def make(
       and ZO-MOPI).
     eps: ZO perturbation scale.
     num_queries: directions per step (MeZO, MeZO-BCD, ZO-Muon, ZO-MOPI).
-    rank: subspace rank (ZO-Muon, ZO-MOPI, LOZO, LOZO-M, SubZero).
+    rank: subspace rank (ZO-Muon, ZO-MOPI, LOZO, LOZO-M, SubZero); ZO-MOPI then uses
+      k = rank // 2, its released recipe (at the default rank, its default k).
     refresh_every: steps between subspace refreshes (block switches for
       MeZO-BCD).
     vector_learning_rate: learning rate of 1-D parameters for ZO-Muon and
