@@ -235,7 +235,7 @@ def _concat(arrays):
   return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
 
 
-def _in_place_map(fn, stacks: tuple) -> tuple:
+def in_place_map(fn, stacks: tuple) -> tuple:
   """``fn`` applied to each index of the leading axis of ``stacks``, written back in place.
 
   A `jax.lax.fori_loop` whose carry is the stacks: each iteration reads slice
@@ -715,12 +715,12 @@ def orthogonalize(
       stacked = _concat([views[i][0] for i in members])
       if method == "power_iteration":
         v_stacked = _concat([vs[i] for i in members])
-        y, v_new = _in_place_map(
+        y, v_new = in_place_map(
           lambda m, v: (lambda o, v_out: (o.T, v_out))(*power_iteration_step(m.T, v)),
           (stacked, v_stacked),
         )
       else:
-        (y,), v_new = _in_place_map(lambda m: (orthogonalize_matrix(m),), (stacked,)), None
+        (y,), v_new = in_place_map(lambda m: (orthogonalize_matrix(m),), (stacked,)), None
       start = 0
       for i in members:
         n = views[i][0].shape[0]

@@ -483,9 +483,11 @@ def _draw_haar_bases(geo: _Geometry, leaf_keys) -> list:
 
 
 def _orthonormalize_grouped(geo: _Geometry, mats: list) -> list:
-  """`orth.orthonormalize_columns` of every leaf's matrix, one `jax.lax.map` per shape.
+  """`orth.orthonormalize_columns` of every leaf's matrix, one loop per shape.
 
-  As in `_draw_haar_bases`: one compiled Gram-Schmidt loop per shape, not per leaf.
+  As in `_draw_haar_bases`: one compiled Gram-Schmidt loop per shape, not per
+  leaf; each result is written over its input in the stack (`orth.in_place_map`),
+  where `jax.lax.map` held a second stack.
   """
   groups: dict[tuple[int, ...], list[int]] = {}
   for i, spec in enumerate(geo.specs):
@@ -494,7 +496,9 @@ def _orthonormalize_grouped(geo: _Geometry, mats: list) -> list:
   out = list(mats)
   for members in groups.values():
     flat = [jnp.reshape(mats[i], (-1, *mats[i].shape[-2:])) for i in members]
-    done = jax.lax.map(orth.orthonormalize_columns, jnp.concatenate(flat))
+    (done,) = orth.in_place_map(
+      lambda m: (orth.orthonormalize_columns(m),), (jnp.concatenate(flat),)
+    )
     start = 0
     for i, f in zip(members, flat):
       out[i] = jnp.reshape(done[start : start + f.shape[0]], mats[i].shape)
