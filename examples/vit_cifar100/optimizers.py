@@ -88,6 +88,8 @@ def make(
   num_queries: int | None = None,
   rank: int | None = None,
   refresh_every: int | None = None,
+  k: int | None = None,
+  anchored: bool | None = None,
   vector_learning_rate: float | None = None,
   seed: int = 0,
   dimension_numbers: Callable | Any = vit_dimension_numbers,
@@ -103,6 +105,10 @@ def make(
     rank: subspace rank (ZO-Muon, ZO-MOPI, LOZO, SubZero).
     refresh_every: steps between subspace refreshes (or block switches for
       MeZO-BCD).
+    k: ZO-MOPI's partial-orthogonalization rank (the preset's default: 32,
+      capped at ``rank``; the released recipe uses ``rank / 2``).
+    anchored: ZO-MOPI's refresh, momentum-anchored (True, the preset's
+      default) or a random basis (False, the released code).
     vector_learning_rate: learning rate of 1-D parameters for ZO-Muon and
       ZO-MOPI (default: ``learning_rate / 100``).
     seed: seed of the optimizer's key.
@@ -144,6 +150,7 @@ def make(
     return Optimizer(name, tx, 2 * q, True)
   if name in ("zo_muon", "zo_mopi"):
     preset = zojax.zo_muon if name == "zo_muon" else zojax.zo_mopi
+    mopi = given(k=k, anchored=anchored) if name == "zo_mopi" else {}
     tx = preset(
       learning_rate,
       eps=eps,
@@ -151,6 +158,7 @@ def make(
       weight_dimension_numbers=dimension_numbers,
       key=seed,
       **given(num_queries=num_queries, rank=rank, refresh_every=refresh_every),
+      **mopi,
     )
     q = num_queries or zojax.presets.DEFAULTS[name]["num_queries"]
     return Optimizer(name, tx, zojax.forwards_per_step(q, "one_sided"), True)
