@@ -159,10 +159,11 @@ def make(
   num_queries: int | None = None,
   rank: int | None = None,
   refresh_every: int | None = None,
+  k: int | None = None,
+  anchored: bool | None = None,
   vector_learning_rate: float | None = None,
   seed: int = 0,
   dimension_numbers: Callable | Any = vit_dimension_numbers,
-  k: int | None = None,
 ) -> Optimizer:
   """Builds optimizer ``name`` with the given settings (None: the preset's default).
 
@@ -175,6 +176,8 @@ def make(
     rank: subspace rank (ZO-Muon, ZO-MOPI, LOZO, SubZero).
     refresh_every: steps between subspace refreshes (or block switches for
       MeZO-BCD).
+    anchored: ZO-MOPI's refresh, momentum-anchored (True, the preset's
+      default) or a random basis (False, the released code).
     vector_learning_rate: learning rate of 1-D parameters for ZO-Muon and
       ZO-MOPI (default: ``learning_rate / 100``).
     seed: seed of the optimizer's key.
@@ -220,7 +223,7 @@ def make(
   if name in ("zo_muon", "zo_mopi"):
     extra = {}
     if name == "zo_mopi":
-      extra = given(k=k if k is not None or rank is None else max(1, rank // 2))
+      extra = given(k=k if k is not None or rank is None else max(1, rank // 2), anchored=anchored)
     preset = zojax.zo_muon if name == "zo_muon" else zojax.zo_mopi
     tx = preset(
       learning_rate,
