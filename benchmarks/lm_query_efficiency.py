@@ -210,7 +210,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     nargs="+",
     type=float,
     default=[1 / 3, 2 / 3, 1.0],
-    help="fixed forward budgets, as fractions of --forward-budget",
+    help="fixed forward budgets, as fractions of --forward-budget (rounded to evaluations)",
   )
   p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size (MeZO: 16)")
   p.add_argument("--num-train", type=int, default=1000, help="training examples per seed")
@@ -581,6 +581,17 @@ def tune(
 # --------------------------------------------------------------------------- report
 
 
+def fixed_budgets(budget: int, eval_every: int, fractions: Sequence[float]) -> list[int]:
+  """Fractions of ``budget`` rounded to whole evaluation intervals (at least one), ascending.
+
+  Rounding to evaluation points keeps a budget from silently meaning the
+  evaluation before it (`comparison_stats.accuracy_at` takes the last point
+  within the budget).
+  """
+  evals = max(1, budget // eval_every)
+  return sorted({max(1, round(f * evals)) * eval_every for f in fractions})
+
+
 def _interval(triple) -> dict:
   point, low, high = triple
   return {"point": float(point), "low": float(low), "high": float(high)}
@@ -810,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"{runs[m.label]['run_seconds']:.1f} s"
     )
 
-  budgets = sorted({max(1, round(f * args.forward_budget)) for f in args.budget_fractions})
+  budgets = fixed_budgets(args.forward_budget, args.eval_every, args.budget_fractions)
   rows = summarize(methods, runs, seconds, seeds, budgets)
   print_tables(rows)
   result = {

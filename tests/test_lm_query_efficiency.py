@@ -68,7 +68,9 @@ def tiny_run(tmp_path_factory):
   argv += ["--max-extensions", "0", "--forward-budget", "40", "--eval-every", "20"]
   argv += ["--num-train", "48", "--num-dev", "24", "--num-test", "32", "--pretrain-steps", "5"]
   argv += ["--timing-repeats", "1", "--out-dir", str(out)]
-  result = lmqe.main(argv)
+  with pytest.MonkeyPatch.context() as patch:  # a small pretraining corpus: 5 steps use 160 docs
+    patch.setattr(lmqe.pretrain_lib, "CORPUS_DOCS", 200)
+    result = lmqe.main(argv)
   with open(out / "lm_query_efficiency.json") as f:
     written = json.load(f)
   return result, written, out
