@@ -124,3 +124,20 @@ def test_validation_examples_come_from_the_training_pool_only():
   assert not train_rows & dev_rows
   assert max(data.test_x[:, 0]) < 0  # test from the validation pool
   assert data.order.shape == (5, 4) and data.order.max() < 50
+
+
+def test_zo_mopi_is_built_with_half_rank_k_and_random_refresh(monkeypatch):
+  seen = {}
+  real = lmqe.zojax.zo_mopi
+
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(lmqe.zojax, "zo_mopi", spy)
+  method = lmqe.Method("zo_mopi")
+  opt = method.make(1.0, seed=3)
+  assert seen["k"] == method.rank // 2 and seen["anchored"] is False
+  assert seen["refresh_every"] == lmqe.ZO_MOPI_REFRESH_EVERY and seen["key"] == 3
+  assert seen["vector_learning_rate"] == pytest.approx(1.0 / 100)  # the example's lr / 100
+  assert opt.forwards_per_step == 9 and opt.zeroth_order
