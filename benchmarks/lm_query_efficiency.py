@@ -68,14 +68,16 @@ point's runs.
 Sizes. The full setting (the default) gives every run 3600 forward passes,
 evaluated every 450 (whole steps of every method at 2, 5 and 9 forwards a
 step), with 10 seeds, a 3-point grid and up to 3 extensions: 210 runs of
-3600 forwards before any extension, an estimated 30 to 35 minutes on 2 idle
-CPU cores (scaled from the quick run's phases; two to three times that while
-other jobs share the cores). Compute is what bounds it: batching the runs
-saves little on the CPU (a MeZO step of six vmapped runs took 9.2 ms a run
-against 10.3 ms alone, in one measurement). So the full setting is early
-fine-tuning (the example's defaults were chosen at 40,000 forwards, where
-MeZO lifts the zero-shot 0.71 to about 0.79), and differences of a point or
-two are what it resolves.
+3600 forwards before any extension, an estimated 30 minutes on 2 idle CPU
+cores with one grid extension per method, up to about 45 if every grid grows
+three times. (Scaled from the quick run's phases: about 3 ms a run-forward,
+evaluations included, and 20 s a compile, while other jobs shared the cores;
+by the CPU time it got, that run was about twice as slow as on idle cores.)
+Compute is what bounds it: batching the runs saves little on the CPU (a MeZO
+step of six vmapped runs took 9.2 ms a run against 10.3 ms alone, in one
+measurement). So the full setting is early fine-tuning (the example's
+defaults were chosen at 40,000 forwards, where MeZO lifts the zero-shot 0.71
+to about 0.79), and differences of a point or two are what it resolves.
 ``--quick`` (for `benchmarks.all`, a smoke test) uses 2 seeds, a 2-point
 grid without extension and 900 forward passes.
 
