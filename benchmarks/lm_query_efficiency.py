@@ -192,12 +192,21 @@ class Method:
     return optimizers.Optimizer("zo_mopi", tx, zojax.forwards_per_step(queries, "one_sided"), True)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows a flag's default unless it is None or a switch (their help says what happens)."""
+
+  def _get_help_string(self, action):
+    if action.default is None or isinstance(action.default, bool):
+      return action.help
+    return super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   """The command line (``argv`` None reads `sys.argv`)."""
   p = argparse.ArgumentParser(
     prog="python -m benchmarks.lm_query_efficiency",
     description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=_HelpFormatter,
   )
   p.add_argument(
     "--methods", nargs="+", default=list(METHODS), help="optimizers to compare (with mezo)"
