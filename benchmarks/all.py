@@ -32,11 +32,12 @@ BENCHMARKS = {
   "memory": [],
   "torch_mezo": [],
   "query_efficiency": [],
+  "lm_query_efficiency": [],
   "bcd_step_time": ["--no-progress"],
   "low_precision": [],
   "data_parallel_bytes": [],
 }
-_WRITES_DIRECTORY = ("query_efficiency",)
+_WRITES_DIRECTORY = ("query_efficiency", "lm_query_efficiency")
 
 
 def _summary(name: str, result: dict) -> str:
@@ -66,6 +67,12 @@ def _summary(name: str, result: dict) -> str:
       f"lr {r['learning_rate']:g} {r['method']} {r['fp32_moves_kept']:.2f}"
       for r in result["rows"]
       if r["method"] != "fp32_reference"
+    )
+  if name == "lm_query_efficiency":
+    return "LM AUC - MeZO (paired): " + ", ".join(
+      f"{r['method']} {r['auc']['minus_mezo']['point']:+.3f}"
+      for r in result["rows"]
+      if r["method"] != "mezo"
     )
   if name == "data_parallel_bytes":
     jit = [r for r in result["rows"] if r["mode"] == "jit"]
