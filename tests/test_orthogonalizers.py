@@ -13,6 +13,7 @@ import pytest
 from absl.testing import parameterized
 from hypothesis import strategies as st
 
+from zojax import fastrandom
 from zojax import orthogonalizers as orth
 from zojax.orthogonalizers import MuonDimensionNumbers
 
@@ -383,3 +384,16 @@ def test_orthonormalize_columns_rank_deficient():
   assert np.isfinite(q).all()
   assert np.abs(q.T @ q - np.eye(5)).max() <= 5 * 2.0**-23
   np.testing.assert_allclose(q[:, :2], _signed_qr64(a[:, :2]), rtol=0, atol=1e-5)
+
+
+def test_random_orthonormal_is_gram_schmidt_of_the_fastrandom_draw():
+  # The draw is made in the (k, n) layout the loop works in, from the flat
+  # indices of the (n, k) draw: the same numbers, so the same basis bit for bit
+  # (compared op by op, and jitted against jitted: XLA's fusions may round the
+  # Gram-Schmidt arithmetic differently from the eager ops).
+  key = jax.random.key(3)
+  reference = lambda key, n, k: orth.orthonormalize_columns(fastrandom.normal(key, (n, k)))
+  for n, k in [(50, 7), (9, 9), (64, 1)]:
+    chex.assert_trees_all_equal(orth.random_orthonormal(key, n, k), reference(key, n, k))
+    jitted = [jax.jit(f, static_argnums=(1, 2)) for f in (orth.random_orthonormal, reference)]
+    chex.assert_trees_all_equal(jitted[0](key, n, k), jitted[1](key, n, k))

@@ -391,12 +391,17 @@ def orthonormalize_columns(a: chex.Array) -> jax.Array:
   n, k = a.shape[-2:]
   if k > n:
     raise ValueError(f"orthonormalize_columns needs k <= n columns, got shape {a.shape}.")
+  return _orthonormalize_rows(jnp.swapaxes(a, -1, -2))
+
+
+def _orthonormalize_rows(at: jax.Array) -> jax.Array:
+  """`orthonormalize_columns` of ``swapaxes(at, -1, -2)``, given the columns as rows ``(k, n)``."""
+  k, n = at.shape[-2:]
   # Rows of ``at`` are the columns of ``a``, each scaled by its largest entry; Q is built row
   # by row as Q^T (contiguous rows: a loop body about half as costly to compile), in place:
   # row j of the loop's one buffer is replaced by q_j once its projections are done, and
   # rows j.. (not yet processed) are masked out of every projection. Building Q in a buffer
   # of its own held one more basis-sized copy (the 50272 x 64 token-table basis of an LM).
-  at = jnp.swapaxes(a, -1, -2)
   scale = jnp.max(jnp.abs(at), axis=-1, keepdims=True)
   at = at / jnp.where(scale > 0, scale, 1.0)
   order = jnp.arange(k)
@@ -442,7 +447,17 @@ def random_orthonormal(key: jax.Array, n: int, k: int) -> jax.Array:
   """
   if not 1 <= k <= n:
     raise ValueError(f"random_orthonormal needs 1 <= k <= n, got n={n}, k={k}.")
-  return orthonormalize_columns(fastrandom.normal(key, (n, k), jnp.float32))
+  # fastrandom.normal(key, (n, k)) drawn directly in the (k, n) layout the Gram-Schmidt loop
+  # works in (element (j, i) is the draw at flat index i k + j), so no transposed copy of the
+  # draw is made. The key-derived zero joins the first line, so no key-free index array exists
+  # for XLA to hoist out of a loop over keys (`_haar_group`'s map).
+  words = fastrandom.seed_words(key)
+  as_float = jax.lax.bitcast_convert_type(words[0], jnp.float32)
+  zero = ((as_float != as_float) & (as_float == as_float)).astype(jnp.uint32)
+  column = (jax.lax.iota(jnp.uint32, k) + zero)[:, None]
+  row = (jax.lax.iota(jnp.uint32, n) * jnp.uint32(k))[None, :]
+  bits = fastrandom.bits_at(words, column + row)
+  return _orthonormalize_rows(fastrandom.normal_from_bits(bits, jnp.float32))
 
 
 def power_iteration_step(m: chex.Array, v: chex.Array) -> tuple[jax.Array, jax.Array]:

@@ -83,6 +83,8 @@ __all__ = [
   "patched",
   "concrete",
   "reshaped",
+  "scaled",
+  "transposed",
 ]
 
 
