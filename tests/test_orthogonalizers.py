@@ -388,12 +388,16 @@ def test_orthonormalize_columns_rank_deficient():
 
 def test_random_orthonormal_is_gram_schmidt_of_the_fastrandom_draw():
   # The draw is made in the (k, n) layout the loop works in, from the flat
-  # indices of the (n, k) draw: the same numbers, so the same basis bit for bit
-  # (compared op by op, and jitted against jitted: XLA's fusions may round the
-  # Gram-Schmidt arithmetic differently from the eager ops).
+  # indices of the (n, k) draw, and left unscaled (scaling by a power of two
+  # is exact and commutes with every step): the same basis bit for bit, op by
+  # op. Jitted, the two programs differ, and XLA may round their arithmetic
+  # differently (it does without backend optimization, as in this suite):
+  # within Gram-Schmidt's rounding, |dQ| <= 4 n k 2^-24.
   key = jax.random.key(3)
   reference = lambda key, n, k: orth.orthonormalize_columns(fastrandom.normal(key, (n, k)))
   for n, k in [(50, 7), (9, 9), (64, 1)]:
     chex.assert_trees_all_equal(orth.random_orthonormal(key, n, k), reference(key, n, k))
     jitted = [jax.jit(f, static_argnums=(1, 2)) for f in (orth.random_orthonormal, reference)]
-    chex.assert_trees_all_equal(jitted[0](key, n, k), jitted[1](key, n, k))
+    np.testing.assert_allclose(
+      jitted[0](key, n, k), jitted[1](key, n, k), rtol=0, atol=4 * n * k * 2.0**-24
+    )

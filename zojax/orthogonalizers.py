@@ -371,8 +371,9 @@ def orthonormalize_columns(a: chex.Array) -> jax.Array:
   full-rank ``a``), written in matrix-vector products and a `jax.lax.fori_loop`
   over the columns, not LAPACK's QR: XLA's CPU backend deadlocked, idle, on
   programs holding several QRs of vmapped (batched) draws (a `jax.vmap` over
-  seeds of a subspace optimizer's ``init``). Each column is scaled by its
-  largest entry first (no overflow in its norm). A second pass that removes
+  seeds of a subspace optimizer's ``init``). Each column is scaled by the
+  power of two at or below its largest entry first (no overflow in its norm;
+  exact, so Q does not depend on it). A second pass that removes
   more than ``1 - 1/sqrt(2)`` of the remainder's norm (Kahan-Parlett's
   criterion) is followed by a third; a column with nothing left (zero, or
   exactly in the span of the previous ones) is replaced by the standard basis
@@ -394,16 +395,25 @@ def orthonormalize_columns(a: chex.Array) -> jax.Array:
   return _orthonormalize_rows(jnp.swapaxes(a, -1, -2))
 
 
-def _orthonormalize_rows(at: jax.Array) -> jax.Array:
-  """`orthonormalize_columns` of ``swapaxes(at, -1, -2)``, given the columns as rows ``(k, n)``."""
+def _orthonormalize_rows(at: jax.Array, scaled: bool = True) -> jax.Array:
+  """`orthonormalize_columns` of ``swapaxes(at, -1, -2)``, given the columns as rows ``(k, n)``.
+
+  ``scaled=False`` skips the scaling of each row, for rows that cannot overflow a sum of
+  squares (Gaussian draws): the scale is a power of two, so the result does not depend on it.
+  """
   k, n = at.shape[-2:]
   # Rows of ``at`` are the columns of ``a``, each scaled by its largest entry; Q is built row
   # by row as Q^T (contiguous rows: a loop body about half as costly to compile), in place:
   # row j of the loop's one buffer is replaced by q_j once its projections are done, and
   # rows j.. (not yet processed) are masked out of every projection. Building Q in a buffer
   # of its own held one more basis-sized copy (the 50272 x 64 token-table basis of an LM).
-  scale = jnp.max(jnp.abs(at), axis=-1, keepdims=True)
-  at = at / jnp.where(scale > 0, scale, 1.0)
+  if scaled:
+    # The power of two at or below each row's largest entry: dividing by it is exact, and
+    # every later step (dot products, differences, the norm's square root, the division by
+    # it) commutes exactly with a power-of-two scale, so Q does not depend on it.
+    largest = jnp.max(jnp.abs(at), axis=-1, keepdims=True)
+    _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
+    at = at / jnp.ldexp(jnp.float32(1.0), exponent - 1)
   order = jnp.arange(k)
 
   def column(j, q):
@@ -457,7 +467,8 @@ def random_orthonormal(key: jax.Array, n: int, k: int) -> jax.Array:
   column = (jax.lax.iota(jnp.uint32, k) + zero)[:, None]
   row = (jax.lax.iota(jnp.uint32, n) * jnp.uint32(k))[None, :]
   bits = fastrandom.bits_at(words, column + row)
-  return _orthonormalize_rows(fastrandom.normal_from_bits(bits, jnp.float32))
+  # |z| < 5.3: no scaling needed, and none changes Q (see `_orthonormalize_rows`).
+  return _orthonormalize_rows(fastrandom.normal_from_bits(bits, jnp.float32), scaled=False)
 
 
 def power_iteration_step(m: chex.Array, v: chex.Array) -> tuple[jax.Array, jax.Array]:

@@ -435,13 +435,24 @@ def _basis_draws(geometry: _Geometry, spec: _LeafSpec, key) -> list[tuple[int, j
   return [(spec.fan_in, keys_of(k_in)), (spec.fan_out, keys_of(k_out))]
 
 
-def _haar_group(keys: jax.Array, dim: int, rank: int) -> jax.Array:
+def _haar_group(keys: jax.Array, dim: int, rank: int, after=None) -> jax.Array:
   """Haar bases ``(len(keys), dim, rank)``, one per key, drawn one after another.
 
-  A `jax.lax.map`: one compiled loop (Gram-Schmidt's, `orth.orthonormalize_columns`) for every
-  basis of the shape, and the memory of one Gaussian draw at a time.
+  One compiled loop (Gram-Schmidt's, `orth.orthonormalize_columns`) for every basis of the
+  shape, and the memory of one Gaussian draw at a time. Each basis is written into the
+  group's stack, which is created only once ``after`` (the previous group's stack) exists:
+  `jax.lax.map` allocated every group's output up front, so they were all held while the
+  largest basis was drawn.
   """
-  return jax.lax.map(lambda k: orth.random_orthonormal(k, dim, rank), keys)
+  stack = jnp.zeros((keys.shape[0], dim, rank), jnp.float32)
+  if after is not None:
+    stack = ordering.after(stack, after)
+
+  def body(i, stack):
+    basis = orth.random_orthonormal(keys[i], dim, rank)
+    return jax.lax.dynamic_update_index_in_dim(stack, basis, i, 0)
+
+  return jax.lax.fori_loop(0, keys.shape[0], body, stack)
 
 
 def _draw_haar_bases(geo: _Geometry, leaf_keys) -> list:
@@ -461,11 +472,12 @@ def _draw_haar_bases(geo: _Geometry, leaf_keys) -> list:
       groups.setdefault((dim, spec.rank), []).append((i, slot, keys))
   drawn: dict[tuple[int, int], jax.Array] = {}
   previous = None
-  for (dim, rank), members in groups.items():
+  # The largest bases first: while one is drawn, only the groups before it are held.
+  for (dim, rank), members in sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
     keys = jnp.concatenate([keys for _, _, keys in members])
     if previous is not None:
       keys = ordering.after(keys, previous)
-    previous = _haar_group(keys, dim, rank)
+    previous = _haar_group(keys, dim, rank, previous)
     start = 0
     for i, slot, member_keys in members:
       count = member_keys.shape[0]
