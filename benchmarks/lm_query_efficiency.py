@@ -495,8 +495,15 @@ def run_grid(
   runs = [(i, s) for i in range(n_lr) for s in range(n_seed)]  # run r: lr r // n, seed r % n
   pick = lambda field: jnp.asarray(np.stack([getattr(seeds[s], field) for _, s in runs]))
   params = qe.stack([jax.tree.map(jnp.asarray, seeds[s].params) for _, s in runs])
-  init = [method.make(1.0, seed=d.seed).tx.init(jax.tree.map(jnp.asarray, d.params)) for d in seeds]
-  states = qe.stack([init[s] for _, s in runs])
+  # Every seed's initial state from one compiled program (each seed unbatched under lax.map):
+  # initialising eagerly compiled every op of every preset's init on its own, and a full run's
+  # thousands of small programs exhausted the process's memory mappings (LLVM: "Cannot
+  # allocate memory") after four methods.
+  init_one = lambda a: method.make(1.0, seed=a[0]).tx.init(a[1])
+  seed_ids = jnp.asarray([d.seed for d in seeds], jnp.int32)
+  seed_params = qe.stack([jax.tree.map(jnp.asarray, d.params) for d in seeds])
+  init = jax.jit(lambda ids, p: jax.lax.map(init_one, (ids, p)))(seed_ids, seed_params)
+  states = jax.tree.map(lambda x: x[np.asarray([s for _, s in runs])], init)
   lr_array = jnp.asarray(np.repeat(np.asarray(lrs, np.float32), n_seed))
   xs, ys = pick("train_x"), pick("train_y")
   test_x, test_y = pick("test_x"), pick("test_y")
