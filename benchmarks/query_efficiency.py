@@ -475,14 +475,7 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
   that keeps it apart from the test split's), its first ``round(fraction *
   size)`` members validate; both index arrays are sorted.
   """
-  rng = np.random.default_rng([seed, 7919])
-  train, val = [], []
-  for c in np.unique(labels):
-    idx = rng.permutation(np.flatnonzero(labels == c))
-    n_val = int(round(fraction * idx.size))
-    val.append(idx[:n_val])
-    train.append(idx[n_val:])
-  return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+  return data_lib.stratified_split(labels, fraction, [seed, 7919])
 
 
 def prepare_seed(seed: int, args: argparse.Namespace, steps: int, log) -> SeedData:

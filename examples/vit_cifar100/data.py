@@ -157,15 +157,16 @@ def cifar100_source(data_dir: str | os.PathLike | None, split: str) -> Sequence[
     raise DataNotPrepared(prepare_instructions(shown)) from err
 
 
-def _stratified_split(
-  labels: np.ndarray, test_fraction: float, seed: int
+def stratified_split(
+  labels: np.ndarray, test_fraction: float, seed: int | Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
   """Indices of a per-class random split, each returned in increasing order.
 
   Args:
     labels: ``(n,)`` integer labels.
     test_fraction: share of every class that goes to the test indices.
-    seed: seed of the permutation of each class.
+    seed: seed of the permutation of each class (an int or a sequence of ints,
+      as `numpy.random.default_rng` takes).
 
   Returns:
     ``(train_indices, test_indices)``, disjoint, covering ``range(n)``.
@@ -216,7 +217,7 @@ def digits_sources(
   digits = load_digits()
   images = (digits.images / 16.0).astype(np.float32)[..., None]
   labels = digits.target.astype(np.int32)
-  train_idx, test_idx = _stratified_split(labels, test_fraction, split_seed)
+  train_idx, test_idx = stratified_split(labels, test_fraction, split_seed)
   if classes is not None:
     keep = np.asarray(sorted(set(int(c) for c in classes)), dtype=np.int32)
     if keep.size == 0 or keep.min() < 0 or keep.max() > 9:
