@@ -39,6 +39,26 @@ def environment() -> dict:
   }
 
 
+def commit() -> str | None:
+  """The repository's checked-out commit (with ``+changes`` when the tree differs), or None."""
+  import subprocess
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(
+      ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return head + ("+changes" if dirty else "")
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
   """Median wall time of ``fn()`` (its result blocked on) over ``repeats`` calls."""
   times = []
@@ -193,3 +213,43 @@ def png_path(json_path: str | None) -> str | None:
   if not json_path:
     return None
   return os.path.splitext(json_path)[0] + ".png"
+
+
+def read_checkpoint(directory: str | None, name: str, settings: dict) -> dict | None:
+  """A finished part of a long benchmark saved by `write_checkpoint`, if its settings match.
+
+  Long comparisons write each method's results as they finish, so that a run
+  stopped part-way (the session ends, the machine is needed) resumes from
+  the methods it has, given the same ``--resume-dir``. A part is only reused
+  when every setting that shaped it is equal; a part from other settings is
+  ignored (and overwritten when the method is run again).
+
+  Args:
+    directory: where parts are kept (None: resuming is off).
+    name: the part's name (a method's label).
+    settings: every setting that shapes the part, as JSON values.
+
+  Returns:
+    The saved payload, or None when there is none for these settings.
+  """
+  if not directory:
+    return None
+  path = os.path.join(directory, f"{name}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get("settings") != json.loads(json.dumps(settings, default=float)):
+    return None
+  return saved["payload"]
+
+
+def write_checkpoint(directory: str | None, name: str, settings: dict, payload: dict) -> None:
+  """Saves ``payload`` (JSON values) for `read_checkpoint`; atomic, so a stop never leaves half a file."""
+  if not directory:
+    return
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"{name}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump({"settings": settings, "payload": payload}, f, default=float)
+  os.replace(path + ".tmp", path)

@@ -81,6 +81,13 @@ to about 0.79), and differences of a point or two are what it resolves.
 ``--quick`` (for `benchmarks.all`, a smoke test) uses 2 seeds, a 2-point
 grid without extension and 900 forward passes.
 
+Resuming. With ``--resume-dir`` each method's runs are saved as soon as they
+finish, and a later run with the same settings reads them back instead of
+training again (`common.read_checkpoint`), so a full run can be split
+across sittings; the step timing is measured afresh each time, every
+method side by side, and the commit each method's runs came from is kept
+(``commits``).
+
 Example:
   python -m benchmarks.lm_query_efficiency --quick --out-dir /tmp/lmqe
   python -m benchmarks.lm_query_efficiency --methods mezo zo_muon --seeds 5 --out-dir /tmp/lmqe
@@ -266,6 +273,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     "--quick", action="store_true", help="the quick settings (a few minutes on 2 CPU cores)"
   )
   p.add_argument("--out-dir", default=None, help="write lm_query_efficiency.json and .png here")
+  p.add_argument(
+    "--resume-dir",
+    default=None,
+    help="save each method's runs here as it finishes, and reuse the saved ones whose "
+    "settings match (a stopped run resumes; the step timing is always re-measured)",
+  )
   args = p.parse_args(argv)
   for key, value in (QUICK if args.quick else FULL).items():
     if getattr(args, key) is None:
@@ -543,6 +556,22 @@ def run_grid(
     "steps": steps,
     "compile_seconds": compile_seconds,
     "run_seconds": run_seconds,
+  }
+
+
+ARRAYS = ("forwards", "test", "validation", "final_loss", "batches_sha")  # run_grid's arrays
+
+
+def run_settings(args, method: Method, batching: str) -> dict:
+  """Every setting that shapes ``method``'s runs (what `common.read_checkpoint` must match)."""
+  keys = ("seeds", "lr_factors", "max_extensions", "forward_budget", "eval_every")
+  keys += ("extend_factor", "batch_size", "num_train", "num_dev", "num_test", "pretrain_steps")
+  return {
+    **{k: getattr(args, k) for k in keys},
+    "method": method.label,
+    "rank": method.rank,
+    "batching": batching,
+    "jax": jax.__version__,
   }
 
 
@@ -840,6 +869,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     batching = args.batching
     if batching == "auto":
       batching = "map" if m.name in qe.MAP_METHODS else "vmap"
+    settings = run_settings(args, m, batching)
+    saved = common.read_checkpoint(args.resume_dir, m.label, settings)
+    if saved is not None:
+      runs[m.label] = {k: np.asarray(v) if k in ARRAYS else v for k, v in saved.items()}
+      log(f"{m.label}: runs read from {args.resume_dir} (commit {saved.get('commit')})")
+      continue
     log(f"{m.label}: seeds {seeds}, {args.forward_budget} forwards, runs batched by {batching}")
 
     def run(lrs, m=m, batching=batching):
@@ -848,6 +883,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     runs[m.label] = tune(m, run, args.lr_factors, args.max_extensions, args.extend_factor, log)
     runs[m.label]["batching"] = batching
+    runs[m.label]["commit"] = common.commit()
+    portable = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in runs[m.label].items()}
+    common.write_checkpoint(args.resume_dir, m.label, settings, portable)
     log(
       f"  {m.label}: chose lr {runs[m.label]['lrs'][runs[m.label]['selected']]:.3g} on "
       f"validation; compile {runs[m.label]['compile_seconds']:.1f} s, runs "
@@ -872,6 +910,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "budgets": budgets,
     "target": rows[0]["to_target"]["target"],
     "rows": rows,
+    "commits": sorted({str(r.get("commit")) for r in runs.values()}),  # several after a resume
     "total_seconds": time.perf_counter() - wall_start,
     "environment": common.environment(),
   }

@@ -123,6 +123,14 @@ does.
 The JSON keeps every run's validation and test curve (every learning rate,
 every seed), so every table can be recomputed from it.
 
+A full run takes hours on 2 CPU cores. With ``--resume-dir`` each method's
+runs are saved as soon as they finish and a later run with the same
+settings reads them back instead of running them again
+(`common.read_checkpoint`); the step timing, which the wall-clock figures
+scale by, is measured afresh every time, all methods side by side. The
+commit each method's runs came from is stored with its row (``commits``
+lists them all).
+
 Example:
   python -m benchmarks.query_efficiency --quick --out-dir /tmp/qe
   python -m benchmarks.query_efficiency --variant zo_muon:rank=64 --out-dir /tmp/qe
@@ -398,6 +406,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     "the rest)",
   )
   p.add_argument("--out-dir", default=None, help="write query_efficiency.json and .png here")
+  p.add_argument(
+    "--resume-dir",
+    default=None,
+    help="save each method's runs here as it finishes, and reuse the saved ones whose "
+    "settings match (a stopped run resumes; the step timing is always re-measured)",
+  )
   args = p.parse_args(argv)
   if args.checks is None:
     args.checks = not args.quick
@@ -809,6 +823,30 @@ def _by_lr(lrs: Sequence[float], final: np.ndarray, loss: np.ndarray) -> list[di
   ]
 
 
+def run_settings(args: argparse.Namespace, method: Method, batching: str) -> dict:
+  """Every setting that shapes ``method``'s runs (what `common.read_checkpoint` must match)."""
+  keys = (
+    "seeds",
+    "lr_factors",
+    "lr_extend_factor",
+    "max_extensions",
+    "val_fraction",
+    "forward_budget",
+    "fo_budget",
+    "eval_every",
+    "batch_size",
+    "pretrain_steps",
+  )
+  return {
+    **{k: getattr(args, k) for k in keys},
+    "method": method.label,
+    "optimizer": method.name,
+    "knobs": method.knobs,
+    "batching": batching,
+    "jax": jax.__version__,
+  }
+
+
 def method_row(
   method: Method, runs: dict, lrs: list[float], history: list[dict], step_s: float
 ) -> dict:
@@ -1103,10 +1141,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     batching = args.batching
     if batching == "auto":
       batching = "map" if m.name in MAP_METHODS else "vmap"
+    settings = run_settings(args, m, batching)
+    saved = common.read_checkpoint(args.resume_dir, m.label, settings)
+    if saved is not None:
+      # The runs are reused; the step time is this process's, measured beside the others'.
+      rows.append({**saved, "step_ms": 1e3 * seconds[m.label]})
+      log(f"{m.label}: runs read from {args.resume_dir} (commit {saved.get('commit')})")
+      continue
     log(f"{m.label}: seeds {args.seeds}, {budget} forwards, runs batched by {batching}")
     runs, lrs, history = tune_method(m, apply, data, budget, args, batching, log)
     runs["batching"] = batching
     rows.append(method_row(m, runs, lrs, history, seconds[m.label]))
+    rows[-1]["commit"] = common.commit()
+    common.write_checkpoint(args.resume_dir, m.label, settings, rows[-1])
     log(
       f"  {m.label}: chose lr {history[-1]['chosen_lr']:.4g} of {lrs}"
       + (" (at the grid's edge)" if history[-1]["at_edge"] else "")
@@ -1132,6 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "rows": rows,
     "targets": target_checks,
     "checks": checks,
+    "commits": sorted({str(r.get("commit")) for r in rows}),  # more than one after a resume
     "paper": PAPER,
     "total_seconds": time.perf_counter() - wall_start,
     "environment": common.environment(),

@@ -67,17 +67,33 @@ def tiny_run(tmp_path_factory):
   argv = ["--methods", "mezo", "lozo", "--seeds", "2", "--lr-factors", "1", "2"]
   argv += ["--max-extensions", "0", "--forward-budget", "40", "--eval-every", "20"]
   argv += ["--num-train", "48", "--num-dev", "24", "--num-test", "32", "--pretrain-steps", "5"]
-  argv += ["--timing-repeats", "1", "--out-dir", str(out)]
+  argv += ["--timing-repeats", "1", "--out-dir", str(out), "--resume-dir", str(out / "parts")]
   with pytest.MonkeyPatch.context() as patch:  # a small pretraining corpus: 5 steps use 160 docs
     patch.setattr(lmqe.pretrain_lib, "CORPUS_DOCS", 200)
     result = lmqe.main(argv)
   with open(out / "lm_query_efficiency.json") as f:
     written = json.load(f)
-  return result, written, out
+  return result, written, out, argv
+
+
+def test_a_resumed_run_reads_every_method_back_and_trains_nothing(tiny_run, monkeypatch):
+  result, _, out, argv = tiny_run
+  assert sorted(p.name for p in (out / "parts").iterdir()) == ["lozo.json", "mezo.json"]
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a resumed run trained a method again")
+
+  monkeypatch.setattr(lmqe, "run_grid", no_training)
+  monkeypatch.setattr(lmqe.pretrain_lib, "CORPUS_DOCS", 200)
+  again = lmqe.main([*argv[: argv.index("--out-dir")], "--resume-dir", str(out / "parts")])
+  for a, b in zip(result["rows"], again["rows"]):
+    assert a["method"] == b["method"] and a["curves"] == b["curves"] and a["selected_lr"] == b["selected_lr"]
+    assert a["auc"]["by_seed"] == b["auc"]["by_seed"]
+  assert again["target"] == result["target"]
 
 
 def test_json_holds_every_per_seed_curve(tiny_run):
-  _, written, out = tiny_run
+  _, written, out, _ = tiny_run
   assert (out / "lm_query_efficiency.png").stat().st_size > 0
   rows = {r["method"]: r for r in written["rows"]}
   assert set(rows) == {"mezo", "lozo"}
@@ -94,7 +110,7 @@ def test_json_holds_every_per_seed_curve(tiny_run):
 
 
 def test_paired_runs_share_the_initial_model_and_batches(tiny_run):
-  _, written, _ = tiny_run
+  _, written, _, _ = tiny_run
   rows = written["rows"]
   for seed in ("0", "1"):
     # Same initial model: every method and lr has the same test accuracy before any step.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,46 @@ def test_tune_method_extends_the_grid_while_the_choice_is_at_an_edge(
   assert history[-1]["at_edge"] is edge
   assert len(history) - 1 <= max_extensions
   assert runs["validation"].shape[0] == len(lrs)
+
+
+def _fake_main_pieces(monkeypatch, calls):
+  """``main`` without pretraining, timing or training: `tune_method` returns `_fake_runs`'s grid."""
+  import types
+
+  def seed_data(seed, args, steps, log):
+    z = np.zeros(4)
+    return types.SimpleNamespace(
+      seed=seed, params={"w": z}, train_y=z, val_y=z, test_y=z, pretrain_accuracy=0.5
+    )
+
+  def tune(method, apply, seeds, budget, args, batching, log):
+    calls.append(method.label)
+    scale = {"mezo": 1e-3}.get(method.name, 1e-2)
+    runs = _fake_runs(scale)(method, None, seeds, [scale / 2, scale, scale * 2], 0, 0, 0, 0, 0)
+    runs.update(forwards_per_step=2, steps=3, forwards=np.arange(3) * 2)
+    history = [{"lrs": [scale / 2, scale, scale * 2], "chosen_lr": scale, "at_edge": False}]
+    return runs, [scale / 2, scale, scale * 2], history
+
+  monkeypatch.setattr(qe, "prepare_seed", seed_data)
+  monkeypatch.setattr(qe, "step_times", lambda methods, *a: {m.label: 0.01 for m in methods})
+  monkeypatch.setattr(qe, "tune_method", tune)
+
+
+def test_resume_dir_reuses_finished_methods_only_under_the_same_settings(monkeypatch, tmp_path):
+  calls = []
+  _fake_main_pieces(monkeypatch, calls)
+  argv = ["--quick", "--seeds", "0", "1", "--methods", "mezo", "lozo"]
+  argv += ["--resume-dir", str(tmp_path)]
+  first = qe.main(argv)
+  assert calls == ["mezo", "lozo"]
+  assert sorted(os.listdir(tmp_path)) == ["lozo.json", "mezo.json"]
+  second = qe.main(argv)
+  assert calls == ["mezo", "lozo"]  # nothing trained again
+  for a, b in zip(first["rows"], second["rows"]):
+    assert a["test_curves"] == b["test_curves"] and a["chosen_lr"] == b["chosen_lr"]
+  assert second["mezo_final_mean"] == first["mezo_final_mean"]
+  argv += ["--forward-budget", "500"]
+  qe.main(argv)  # another setting: both run again (and their parts are replaced)
+  assert calls == ["mezo", "lozo", "mezo", "lozo"]
+  qe.main([*argv, "--methods", "mezo", "lozo", "subzero"])  # only the new method runs
+  assert calls[4:] == ["subzero"]
