@@ -29,7 +29,9 @@ import numpy as np
 
 # A curve "reaches" a target when it is at least ``target - REACH_TOLERANCE``: a target taken from
 # a curve (a method's own final mean) must count as reached by that curve despite rounding.
-REACH_TOLERANCE = 1e-9
+# Accuracies are multiples of 1 / (test examples), far coarser than this; float32 curves
+# averaged in float32 and in float64 differ by up to about 1e-7.
+REACH_TOLERANCE = 1e-6
 
 
 def _check_level(level: float, resamples: int) -> None:

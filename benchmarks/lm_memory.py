@@ -23,15 +23,28 @@ block is one layer's slice of the stacked leaves, `zojax.StackedBlocks`).
 
 Target (the memory issue): every preset <= 1.1x inference on both layouts.
 
+The figures depend on XLA's scheduler. On CPU it defaults to a
+concurrency-optimized order, which may start independent work early and
+hold its results (ZO-Muon's per-matrix basis transposes and scaled
+coordinates at the end of its step); with
+``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` it
+uses its memory-minimizing schedulers instead. The flag is process-wide (a
+per-compile ``compiler_options`` entry does not change the CPU schedule), so
+the benchmark records ``XLA_FLAGS`` in its JSON; run it once with and once
+without to see both.
+
 Example:
   python -m benchmarks.lm_memory --quick
   python -m benchmarks.lm_memory --models opt-125m opt-1.3b --layouts unrolled scan
   python -m benchmarks.lm_memory --models opt-13b --dtype bfloat16 --presets mezo zo_muon adam
+  XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false \\
+    python -m benchmarks.lm_memory --quick --layouts unrolled
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -266,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "dtype": args.dtype,
       "label_words": len(LABEL_WORDS),
       "target": TARGET,
+      # XLA's scheduler options change the figures (see the docs' memory page).
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
     },
     "num_params": sizes,
     "rows": rows,

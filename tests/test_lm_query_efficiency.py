@@ -157,3 +157,33 @@ def test_zo_mopi_is_built_with_half_rank_k_and_random_refresh(monkeypatch):
   assert seen["refresh_every"] == lmqe.ZO_MOPI_REFRESH_EVERY and seen["key"] == 3
   assert seen["vector_learning_rate"] == pytest.approx(1.0 / 100)  # the example's lr / 100
   assert opt.forwards_per_step == 9 and opt.zeroth_order
+
+
+def test_mezo_reaches_its_own_final_accuracy_with_float32_curves():
+  # The full run's MeZO finals: float32 accuracies whose float32 mean (0.7494001) sits above
+  # their float64 mean (0.74940004); MeZO must still reach its own target at its last evaluation.
+  finals = np.asarray([0.756, 0.738, 0.737, 0.74, 0.756, 0.745, 0.754, 0.759, 0.755, 0.754])
+  rng = np.random.default_rng(0)
+  curves = np.concatenate([0.7 + 0.01 * rng.random((10, 8)), finals[:, None]], axis=1)
+  curves = curves.astype(np.float32)
+  assert float(curves[:, -1].mean()) > float(np.mean(curves[:, -1], dtype=np.float64))
+  run = {
+    "forwards": np.arange(9) * 450,
+    "test": curves[None],
+    "validation": np.full((1, 10), 0.7),
+    "final_loss": np.zeros((1, 10)),
+    "batches_sha": np.full((1, 10), "x"),
+    "forwards_per_step": 2,
+    "steps": 1800,
+    "lrs": [1e-4],
+    "initial_lrs": [1e-4],
+    "added_lrs": [],
+    "selected": 0,
+    "at_edge": False,
+    "compile_seconds": 0.0,
+    "run_seconds": 0.0,
+    "batching": "vmap",
+  }
+  rows = lmqe.summarize([lmqe.Method("mezo")], {"mezo": run}, {"mezo": 1e-3}, range(10), [3600])
+  assert rows[0]["to_target"]["point"] == 3600
+  assert rows[0]["to_target"]["ratio_to_mezo"] == 1.0
