@@ -245,7 +245,7 @@ def read_checkpoint(directory: str | None, name: str, settings: dict) -> dict | 
 
 
 def write_checkpoint(directory: str | None, name: str, settings: dict, payload: dict) -> None:
-  """Saves ``payload`` (JSON values) for `read_checkpoint`; atomic, so a stop never leaves half a file."""
+  """Saves ``payload`` (JSON values) for `read_checkpoint`, atomically (no half-written file)."""
   if not directory:
     return
   os.makedirs(directory, exist_ok=True)

@@ -87,7 +87,11 @@ def test_a_resumed_run_reads_every_method_back_and_trains_nothing(tiny_run, monk
   monkeypatch.setattr(lmqe.pretrain_lib, "CORPUS_DOCS", 200)
   again = lmqe.main([*argv[: argv.index("--out-dir")], "--resume-dir", str(out / "parts")])
   for a, b in zip(result["rows"], again["rows"]):
-    assert a["method"] == b["method"] and a["curves"] == b["curves"] and a["selected_lr"] == b["selected_lr"]
+    assert (
+      a["method"] == b["method"]
+      and a["curves"] == b["curves"]
+      and a["selected_lr"] == b["selected_lr"]
+    )
     assert a["auc"]["by_seed"] == b["auc"]["by_seed"]
   assert again["target"] == result["target"]
 
