@@ -845,6 +845,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   """
   args = parse_args(argv)
   wall_start = time.perf_counter()
+  commit = common.commit()  # the code this process runs (HEAD may move while it does)
   log = lambda msg: print(msg, flush=True)
   methods = [Method(n) for n in dict.fromkeys([REFERENCE, *args.methods])]
   seeds = list(range(args.seeds))
@@ -885,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     runs[m.label] = tune(m, run, args.lr_factors, args.max_extensions, args.extend_factor, log)
     runs[m.label]["batching"] = batching
-    runs[m.label]["commit"] = common.commit()
+    runs[m.label]["commit"] = commit
     portable = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in runs[m.label].items()}
     common.write_checkpoint(args.resume_dir, m.label, settings, portable)
     log(

@@ -1097,6 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   """
   args = parse_args(argv)
   wall_start = time.perf_counter()
+  commit = common.commit()  # the code this process runs (HEAD may move while it does)
   log = lambda msg: print(msg, flush=True)
   methods = [Method(n, n) for n in args.methods] + args.variants
   methods = [with_mopi_refresh(m, args.zo_mopi_refresh) for m in methods]
@@ -1152,7 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs, lrs, history = tune_method(m, apply, data, budget, args, batching, log)
     runs["batching"] = batching
     rows.append(method_row(m, runs, lrs, history, seconds[m.label]))
-    rows[-1]["commit"] = common.commit()
+    rows[-1]["commit"] = commit
     common.write_checkpoint(args.resume_dir, m.label, settings, rows[-1])
     log(
       f"  {m.label}: chose lr {history[-1]['chosen_lr']:.4g} of {lrs}"
